@@ -1,0 +1,1 @@
+"""Thin Typer commands: each loads its inputs, calls one library function and renders the result."""

@@ -1,0 +1,50 @@
+"""What every command shares: global options, the error policy, progress and JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import typer
+
+from uvq.progress import Reporter
+
+
+@dataclass
+class GlobalState:
+    """Options given before the subcommand (`uvq --debug --json fit-vqgan ...`)."""
+
+    debug: bool = False
+    json: bool = False
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+STATE = GlobalState()
+
+# Shared option declarations, so that every command spells them the same way.
+OutOpt = typer.Option(..., "--out", "-o", help="Output directory.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (default: the recipe's run.seed).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output directory.")
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
+
+
+def apply_local(json_flag: bool = False, debug_flag: bool = False) -> None:
+    """Options may also be given after the subcommand; either place works."""
+    STATE.json = STATE.json or json_flag
+    STATE.debug = STATE.debug or debug_flag
+
+
+def reporter() -> Reporter:
+    return Reporter("json" if STATE.json else None)
+
+
+def emit(summary: dict[str, Any], human: str | None = None) -> None:
+    """The result of a command: JSON on stdout with --json, else a human line on stdout."""
+    if STATE.json:
+        print(json.dumps(summary, default=str), flush=True)
+    elif human:
+        typer.echo(human)
