@@ -17,7 +17,7 @@ try:  # typer >= 0.2x vendors click and exposes its exception base here
     from typer import TyperException as _CliError
 except ImportError:  # older typer re-uses click's
     from click import ClickException as _CliError
-from uvq.commands.common import STATE
+from uvq.commands.common import STATE, eval_app
 from uvq.runtime import UserError
 
 app = typer.Typer(
@@ -71,6 +71,9 @@ for _name in COMMAND_MODULES:
         continue
     _module.register(app)
 
+if eval_app.registered_commands:
+    app.add_typer(eval_app, name="eval")
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn exceptions into one line and an exit status."""
@@ -88,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     except _CliError as exc:
         if STATE.debug:
             raise
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        message = exc.format_message()
+        if message:  # `uvq` alone prints the help and an empty NoArgsIsHelp error
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except UserError as exc:
         if STATE.debug:

@@ -48,3 +48,7 @@ def emit(summary: dict[str, Any], human: str | None = None) -> None:
         print(json.dumps(summary, default=str), flush=True)
     elif human:
         typer.echo(human)
+
+
+# `uvq eval ...`: one group that several command modules add metrics to.
+eval_app = typer.Typer(help="Evaluate samples, reconstructions and likelihoods.", no_args_is_help=True)
