@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "uvq.commands.canvas",
     "uvq.commands.inpaint",
     "uvq.commands.evaluate",
+    "uvq.commands.eval_elbo",
     "uvq.commands.neighbours",
     "uvq.commands.convert",
     "uvq.commands.pipeline",

@@ -73,6 +73,7 @@ class VQGANConfig:
     encoder: str = "vqgan_encoder.v1"
     decoder: str = "vqgan_decoder.v1"
     quantizer: str = "nearest.v1"
+    likelihood_head: bool = False  # the official decoder's `logsigma` head (method 6); off by default
 
     @property
     def downsample(self) -> int:
@@ -99,6 +100,11 @@ class VQGANConfig:
         _check(self.res_blocks >= 1, f"{path}.res_blocks must be >= 1")
         _check(self.emb_dim >= 1, f"{path}.emb_dim must be >= 1")
         _check(self.in_channels >= 1, f"{path}.in_channels must be >= 1")
+        _check(self.z_channels is None or self.z_channels >= 1, f"{path}.z_channels must be >= 1")
+        _check(self.variant == "taming" or self.z_channels in (None, self.emb_dim),
+               f"{path}.z_channels ({self.z_channels}) needs variant: taming (quant_conv); the official variant "
+               f"has none, so leave z_channels unset or equal to emb_dim ({self.emb_dim})")
+        _check(self.dec_res_blocks is None or self.dec_res_blocks >= 1, f"{path}.dec_res_blocks must be >= 1")
 
 
 @dataclass
@@ -157,7 +163,7 @@ class VQGANTrainConfig:
     batch_size: int = 4
     steps: int = 1_500_000
     lr: float | None = None  # None: 4.5e-6 x batch_size, as the authors' code
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # torch's default, as the authors' Adam (taming: [0.5, 0.9])
     grad_clip: float | None = None
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # CUDA only; the CPU always runs fp32
     channels_last: bool = True  # CUDA only
@@ -183,6 +189,9 @@ class VQGANTrainConfig:
         _check(self.batch_size >= 1, f"{path}.batch_size must be >= 1")
         _check(self.steps >= 1, f"{path}.steps must be >= 1")
         _check(self.lr is None or self.lr > 0, f"{path}.lr must be positive")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{path}.betas must be two numbers in [0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip must be positive (or null for none)")
+        _check(self.disc_lr_mult > 0, f"{path}.disc_lr_mult must be positive")
         _check(self.perceptual_weight >= 0 and self.l1_weight >= 0, f"{path} loss weights must be >= 0")
         _check(0.0 < self.ema_beta < 1.0, f"{path}.ema_beta must be in (0, 1)")
         _check(self.ema_every >= 1, f"{path}.ema_every must be >= 1")
@@ -218,6 +227,7 @@ class PriorTrainConfig:
     ema_start: int = 0
     val_every: int = 5000
     val_batches: int = 20
+    val_draws: int = 8  # single-t ELBO draws per validation image (Monte-Carlo estimate, fixed generator)
     vqgan: str | None = None  # the VQGAN checkpoint the latents must come from (optional)
 
     def validate(self, path: str) -> None:
@@ -227,6 +237,7 @@ class PriorTrainConfig:
         _check(self.T is None or self.T >= 1, f"{path}.T must be >= 1")
         _check(0.0 < self.ema_beta < 1.0, f"{path}.ema_beta must be in (0, 1)")
         _check(self.val_every >= 1 and self.val_batches >= 1, f"{path}.val_every and val_batches must be >= 1")
+        _check(self.val_draws >= 2, f"{path}.val_draws must be >= 2 (a standard error needs two draws)")
 
 
 @dataclass

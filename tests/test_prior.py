@@ -1,0 +1,134 @@
+"""The stage-two network: layout, parameter count, the authors' outputs, presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uvq.config import PriorConfig, load_config
+from uvq.prior import (
+    PRESETS,
+    AbsorbingTransformer,
+    build_absorbing_transformer,
+    config_from_official_state_dict,
+    flops_per_token,
+    preset,
+    state_dict_from_official,
+)
+from uvq.registry import registry
+from uvq.runtime import UserError
+
+
+def _reference_forward(model: AbsorbingTransformer, x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The authors' computation written out independently: separate q, k, v, explicit softmax."""
+    h = model.tok_emb.weight[x] + model.pos_emb
+    for block in model.blocks:
+        a = F.layer_norm(h, h.shape[-1:], block.ln1.weight, block.ln1.bias, 1e-5)
+        wq, wk, wv = block.attn.qkv.weight.chunk(3, 0)
+        bq, bk, bv = block.attn.qkv.bias.chunk(3, 0)
+        B, N, C = a.shape
+        q, k, v = (F.linear(a, w, b).view(B, N, n_head, C // n_head).transpose(1, 2)
+                   for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // n_head), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, N, C)
+        h = h + block.attn.proj(y)
+        m = F.layer_norm(h, h.shape[-1:], block.ln2.weight, block.ln2.bias, 1e-5)
+        h = h + block.mlp[2](0.5 * block.mlp[0](m) * (1 + torch.erf(block.mlp[0](m) / math.sqrt(2))))
+    h = F.layer_norm(h, h.shape[-1:], model.ln_f.weight, model.ln_f.bias, 1e-5)
+    return h @ model.head.weight.T
+
+
+def test_paper_preset_has_76_8m_parameters():
+    with torch.device("meta"):
+        model = build_absorbing_transformer(preset("paper"))
+    # 24 x 3,152,384 (blocks) + 524,800 (tok_emb) + 131,072 (pos_emb) + 1,024 (ln_f) + 524,288 (head)
+    assert model.num_parameters() == 76_838_400
+    assert round(model.num_parameters() / 1e6, 1) == 76.8
+
+
+def test_paper_forward_flops_match_the_anchor():
+    # anchors.md: one forward pass over 256 tokens costs 42.1 GFLOP.
+    assert flops_per_token(512, 24, 256, 1024) * 256 / 1e9 == pytest.approx(42.1, abs=0.05)
+
+
+def test_forward_shapes_and_independent_reference():
+    torch.manual_seed(0)
+    cfg = PriorConfig(n_embd=32, n_head=4, n_layer=2, codebook_size=10, latent_shape=[3, 4])
+    model = build_absorbing_transformer(cfg).eval()
+    with torch.no_grad():
+        model.pos_emb.normal_(0, 0.5)
+    x = torch.randint(0, 11, (5, 12))
+    x[0] = cfg.mask_id
+    logits = model(x)
+    assert logits.shape == (5, 12, 10) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, _reference_forward(model, x, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_bidirectional():
+    torch.manual_seed(1)
+    model = build_absorbing_transformer(preset("debug")).eval()
+    x = torch.randint(0, 16, (1, 16))
+    y = x.clone()
+    y[0, -1] = 16  # mask the last token
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[0, 0], model(y)[0, 0])  # the first position sees the last
+
+
+def test_official_fixture_logits_are_reproduced(fixtures_dir):
+    official = torch.load(fixtures_dir / "official" / "absorbing_ema_small.th", weights_only=True)
+    io = torch.load(fixtures_dir / "official" / "absorbing_io_small.pt", weights_only=True)
+    settings = config_from_official_state_dict(official, n_head=4)
+    assert settings == {"codebook_size": 64, "n_tokens": 256, "n_embd": 64, "n_head": 4, "n_layer": 2}
+    model = AbsorbingTransformer(**settings).eval()
+    model.load_state_dict(state_dict_from_official(official), strict=True)
+    assert model.mask_id == int(io["mask_id"])
+    with torch.no_grad():
+        logits = model(io["x_t"])
+    rel = (logits - io["logits"]).abs().max() / io["logits"].abs().max()
+    assert rel < 1e-5, rel
+
+
+def test_official_mapping_rejects_unknown_and_incomplete_keys():
+    good = {"_denoise_fn.blocks.0.attn.query.weight": torch.zeros(2, 2),
+            "_denoise_fn.blocks.0.attn.key.weight": torch.ones(2, 2),
+            "_denoise_fn.blocks.0.attn.value.weight": 2 * torch.ones(2, 2), "Lt_history": torch.zeros(3)}
+    fused = state_dict_from_official(good)["blocks.0.attn.qkv.weight"]
+    assert fused.shape == (6, 2) and fused[:2].eq(0).all() and fused[2:4].eq(1).all() and fused[4:].eq(2).all()
+    with pytest.raises(UserError, match="unexpected key"):
+        state_dict_from_official({"model.head.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="lacks attention"):
+        state_dict_from_official({"_denoise_fn.blocks.0.attn.query.weight": torch.zeros(2, 2)})
+
+
+def test_registry_builds_presets_and_refuses_time_conditioning():
+    builder = registry.get("priors", "absorbing_transformer.v1")
+    for name in PRESETS:
+        cfg = preset(name)
+        with torch.device("meta"):
+            model = builder(cfg)
+        assert model.codebook_size == cfg.codebook_size and model.n_tokens == cfg.n_tokens
+    with pytest.raises(UserError, match="time_conditioning"):
+        builder(PriorConfig(time_conditioning=True))
+    with pytest.raises(UserError, match="valid: paper"):
+        preset("huge")
+
+
+def test_demo_preset_is_the_demo_recipe():
+    recipe = load_config("demo").model.prior
+    demo = preset("demo")
+    assert (recipe.n_embd, recipe.n_head, recipe.n_layer, recipe.codebook_size, list(recipe.latent_shape)) == \
+        (demo.n_embd, demo.n_head, demo.n_layer, demo.codebook_size, list(demo.latent_shape))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(2)
+    model = AbsorbingTransformer(codebook_size=8, n_tokens=6, n_embd=16, n_head=2, n_layer=1, dropout=0.5)
+    x = torch.randint(0, 9, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))

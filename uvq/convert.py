@@ -1,0 +1,1143 @@
+"""Foreign checkpoints: the paper's released models and taming-transformers' VQGANs (method section 8).
+
+Three layouts come in, all plain tensors loaded with `torch.load(weights_only=True)`:
+
+- the authors' VQGAN (samb-t/unleashing-transformers, `vqgan_ema_<step>.th`): `ae.encoder.blocks.<i>`,
+  `ae.quantize.embedding.weight`, `ae.generator.blocks.<i>`, the optional likelihood head
+  `ae.generator.logsigma.*`, the discriminator `disc.*` and an LPIPS copy `perceptual.*`;
+- the authors' prior (`absorbing_ema_<step>.th`): `_denoise_fn.*`, the loss trackers
+  `Lt_history`, `Lt_count`, `loss_history`, a codebook copy `embedding_weight`, and the unused
+  `_denoise_fn.start_tok`;
+- taming-transformers' VQModel, a Lightning checkpoint `{"state_dict": {encoder.*, decoder.*,
+  quantize.embedding.weight, quant_conv.*, post_quant_conv.*, loss.*}}`.
+
+The architecture is read off the keys and shapes (the head count, which shapes cannot tell, comes
+from the user or a preset). Every key is mapped onto uvq's modules or ignored for a stated reason;
+anything else stops the import with the lists of missing and unexpected keys. What is written is
+an ordinary uvq checkpoint directory, which is then reloaded and checked against a forward pass
+computed straight from the original tensors by the functional references below, written from the
+original codes' forward passes and independent of uvq's modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pickle
+import pickletools
+import re
+import shutil
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uvq import __version__
+from uvq.files import MARKER, prepare_out_dir, sha256_file
+from uvq.progress import ProgressFn, null_progress
+from uvq.runtime import UserError
+
+IMPORTER_VERSION = 1
+PRESETS = ("ffhq", "churches", "bedroom")  # the paper's models, as in recipes/<name>.yaml
+TOLERANCE = 1e-4  # largest relative difference accepted by the verification (fp32)
+
+Tensors = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe loading: tensors only, never code
+# ---------------------------------------------------------------------------------------------
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The classes / functions a pickle would import, found without running it.
+
+    A zip checkpoint is asked through torch's own static scan; a bare pickle is walked opcode by
+    opcode with pickletools (which decodes, never executes).
+    """
+    if zipfile.is_zipfile(path):
+        with contextlib.suppress(Exception):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        return []
+    found: list[str] = []
+    strings: list[str] = []
+    memo: dict[int, Any] = {}
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                               "BINSTRING", "SHORT_BINSTRING"):
+                    strings.append(str(arg))
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+                    strings.append(memo[int(arg)])
+                elif op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
+    except Exception:
+        return found
+    return found
+
+
+def load_tensor_file(path: str | Path, role: str) -> dict[str, Any]:
+    """`torch.load(path, weights_only=True)`, with one clear line for every way it can fail.
+
+    `role` names the option the file came from ("--vqgan", "--prior") for the messages.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{role} {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"{role} {path} is a directory; give the checkpoint file itself "
+                        "(e.g. logs/<run>/saved_models/vqgan_ema_<step>.th)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{role} {path} is empty (0 bytes); download it again")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _pickle_globals(path)
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if names or blocked:
+            what = ", ".join(sorted(set(names))[:3]) if names else blocked.group(1)
+            raise UserError(f"{role} {path} was refused: loading it would import and run code ({what}), and uvq "
+                            "only loads plain tensors; if you trust the file, re-save its state dict alone "
+                            "with torch.save(state_dict) where it can be loaded, then import that") from None
+        raise UserError(f"{role} {path} is not a PyTorch checkpoint, or it is damaged; download it again") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{role} {path} is truncated or damaged ({type(exc).__name__}: {_first_line(exc)}); "
+                        "download it again and check its size") from None
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{role} {path} holds a {type(obj).__name__}, not a state dict of tensors")
+    return dict(obj)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, short enough for a one-line error."""
+    text = str(exc).strip().split(". ")[0].splitlines()
+    return text[0][:120] if text else "no details"
+
+
+def _tensors_only(sd: Mapping[str, Any], path: Path, role: str) -> Tensors:
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{role} {path} is not a state dict of tensors: entries {bad[:4]} are not tensors")
+    return dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Telling the layouts apart ("a prior passed as --vqgan")
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_layout(sd: Mapping[str, Any]) -> str:
+    """'official-vqgan', 'official-prior', 'taming-vqgan', 'lightning', 'uvq-prior', 'uvq-vqgan' or 'unknown'."""
+    keys = list(sd)
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        return "lightning"
+    if any(k.startswith("ae.encoder.") for k in keys):
+        return "official-vqgan"
+    if any(k.startswith("_denoise_fn.") for k in keys):
+        return "official-prior"
+    if any(k.startswith("encoder.down.") for k in keys) and any(k.startswith("decoder.up.") for k in keys):
+        return "taming-vqgan"
+    if any(k.startswith("encoder.blocks.") for k in keys):
+        return "uvq-vqgan"
+    if "tok_emb.weight" in sd and "pos_emb" in sd:
+        return "uvq-prior"
+    return "unknown"
+
+
+_LAYOUT_NAMES = {
+    "official-vqgan": "an official (unleashing-transformers) VQGAN; pass it to `uvq import official --vqgan`",
+    "official-prior": "an official (unleashing-transformers) absorbing prior; pass it to `uvq import official --prior`",
+    "taming-vqgan": "a taming-transformers VQGAN; import it with `uvq import taming --vqgan`",
+    "lightning": "a Lightning checkpoint (taming-transformers); import it with `uvq import taming --vqgan`",
+    "uvq-vqgan": "the weights of a uvq VQGAN; uvq checkpoints need no import",
+    "uvq-prior": "the weights of a uvq prior; uvq checkpoints need no import",
+    "unknown": "not a layout uvq knows (expected ae.* keys for an official VQGAN, _denoise_fn.* for an "
+               "official prior, or a Lightning state_dict of encoder/decoder/quantize for taming)",
+}
+
+
+def _expect_layout(sd: Mapping[str, Any], expected: str, path: Path, role: str) -> None:
+    found = detect_layout(sd)
+    if found != expected:
+        raise UserError(f"{role} {path} is the wrong kind of file: it is {_LAYOUT_NAMES[found]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The original forward passes, computed from the original tensors (the verification reference)
+#
+# Written from the authors' models/vqgan.py and models/transformer.py (samb-t/
+# unleashing-transformers) and taming-transformers' taming/modules/diffusionmodules/model.py and
+# taming/modules/vqvae/quantize.py (VectorQuantizer2, legacy), with torch.nn.functional only.
+# ---------------------------------------------------------------------------------------------
+
+
+def _gn(x: torch.Tensor, p: Tensors, name: str) -> torch.Tensor:
+    # GroupNorm(32, eps=1e-6) in both codes
+    return F.group_norm(x, 32, p[name + ".weight"], p[name + ".bias"], eps=1e-6)
+
+
+def _conv(x: torch.Tensor, p: Tensors, name: str, stride: int = 1, padding: int | None = None) -> torch.Tensor:
+    w = p[name + ".weight"]
+    pad = w.shape[-1] // 2 if padding is None else padding
+    return F.conv2d(x, w, p.get(name + ".bias"), stride=stride, padding=pad)
+
+
+def _ref_resblock(x: torch.Tensor, p: Tensors, name: str, shortcut: str) -> torch.Tensor:
+    """norm1, swish, conv1, norm2, swish, conv2, plus x (through a 1x1 conv when widths differ)."""
+    h = _conv(F.silu(_gn(x, p, name + ".norm1")), p, name + ".conv1")
+    h = _conv(F.silu(_gn(h, p, name + ".norm2")), p, name + ".conv2")
+    # the authors' ResBlock owns conv_out always but applies it only when the width changes
+    if x.shape[1] != h.shape[1]:
+        x = _conv(x, p, f"{name}.{shortcut}")
+    return x + h
+
+
+def _ref_attn(x: torch.Tensor, p: Tensors, name: str) -> torch.Tensor:
+    """One head over the h*w positions: softmax(q^T k / sqrt(c)) applied to v, then proj_out."""
+    b, c, hh, ww = x.shape
+    hn = _gn(x, p, name + ".norm")
+    q = _conv(hn, p, name + ".q").reshape(b, c, hh * ww)  # [B,C,HW]
+    k = _conv(hn, p, name + ".k").reshape(b, c, hh * ww)
+    v = _conv(hn, p, name + ".v").reshape(b, c, hh * ww)
+    w = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c ** -0.5, dim=2)  # [B,HW(q),HW(k)]
+    h = torch.bmm(v, w.transpose(1, 2)).reshape(b, c, hh, ww)
+    return x + _conv(h, p, name + ".proj_out")
+
+
+def _ref_down(x: torch.Tensor, p: Tensors, name: str) -> torch.Tensor:
+    return _conv(F.pad(x, (0, 1, 0, 1)), p, name, stride=2, padding=0)  # pad right/bottom, stride 2
+
+
+def _ref_up(x: torch.Tensor, p: Tensors, name: str) -> torch.Tensor:
+    return _conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), p, name)
+
+
+def _ref_nearest(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Both codes' argmin of ||z||^2 + ||e||^2 - 2 z.e: [B,D,h,w] -> LongTensor[B,h,w]."""
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+    dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+    return dist.argmin(1).view(b, h, w)
+
+
+def _ref_lookup(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return codebook[codes].permute(0, 3, 1, 2)  # [B,h,w] -> [B,D,h,w]
+
+
+def _official_blocks(p: Tensors, prefix: str) -> list[tuple[str, str]]:
+    """(name, kind) of the flat `<prefix>.<i>` list; kind: conv, norm, res, attn or resample."""
+    idx = sorted({int(m.group(1)) for k in p if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})
+    out = []
+    for i in idx:
+        name = f"{prefix}.{i}"
+        if name + ".norm1.weight" in p:
+            out.append((name, "res"))
+        elif name + ".q.weight" in p:
+            out.append((name, "attn"))
+        elif name + ".conv.weight" in p:
+            out.append((name, "resample"))
+        elif name + ".weight" in p:
+            out.append((name, "conv" if p[name + ".weight"].ndim == 4 else "norm"))
+        else:
+            out.append((name, "unknown"))
+    return out
+
+
+def official_encode(p: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """The authors' Encoder: images in [0,1] [B,3,H,W] -> E(x) [B,D,h,w] (no swish before the last conv)."""
+    for name, kind in _official_blocks(p, "ae.encoder.blocks"):
+        if kind == "res":
+            x = _ref_resblock(x, p, name, "conv_out")
+        elif kind == "attn":
+            x = _ref_attn(x, p, name)
+        elif kind == "resample":
+            x = _ref_down(x, p, name + ".conv")
+        elif kind == "norm":
+            x = _gn(x, p, name)
+        else:
+            x = _conv(x, p, name)
+    return x
+
+
+def official_decode(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
+    """The authors' Generator: [B,D,h,w] -> images [B,3,H,W] (nominally [0,1])."""
+    for name, kind in _official_blocks(p, "ae.generator.blocks"):
+        if kind == "res":
+            z_q = _ref_resblock(z_q, p, name, "conv_out")
+        elif kind == "attn":
+            z_q = _ref_attn(z_q, p, name)
+        elif kind == "resample":
+            z_q = _ref_up(z_q, p, name + ".conv")
+        elif kind == "norm":
+            z_q = _gn(z_q, p, name)
+        else:
+            z_q = _conv(z_q, p, name)
+    return z_q
+
+
+def _taming_levels(p: Tensors, prefix: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in p if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})
+
+
+def _taming_mid(h: torch.Tensor, p: Tensors, pre: str) -> torch.Tensor:
+    h = _ref_resblock(h, p, pre + ".mid.block_1", "nin_shortcut")
+    h = _ref_attn(h, p, pre + ".mid.attn_1")
+    return _ref_resblock(h, p, pre + ".mid.block_2", "nin_shortcut")
+
+
+def taming_encode(p: Tensors, x: torch.Tensor) -> torch.Tensor:
+    """taming's Encoder then quant_conv: images in [-1,1] -> [B,D,h,w]."""
+    h = _conv(x, p, "encoder.conv_in")
+    for i in _taming_levels(p, "encoder.down"):
+        pre = f"encoder.down.{i}"
+        for j in _taming_levels(p, pre + ".block"):
+            h = _ref_resblock(h, p, f"{pre}.block.{j}", "nin_shortcut")
+            if f"{pre}.attn.{j}.q.weight" in p:
+                h = _ref_attn(h, p, f"{pre}.attn.{j}")
+        if pre + ".downsample.conv.weight" in p:
+            h = _ref_down(h, p, pre + ".downsample.conv")
+    h = _taming_mid(h, p, "encoder")
+    h = _conv(F.silu(_gn(h, p, "encoder.norm_out")), p, "encoder.conv_out")  # swish before the last conv
+    return _conv(h, p, "quant_conv")
+
+
+def taming_decode(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
+    """post_quant_conv then taming's Decoder: [B,D,h,w] -> images in [-1,1]."""
+    h = _conv(_conv(z_q, p, "post_quant_conv"), p, "decoder.conv_in")
+    h = _taming_mid(h, p, "decoder")
+    for i in reversed(_taming_levels(p, "decoder.up")):
+        pre = f"decoder.up.{i}"
+        for j in _taming_levels(p, pre + ".block"):
+            h = _ref_resblock(h, p, f"{pre}.block.{j}", "nin_shortcut")
+            if f"{pre}.attn.{j}.q.weight" in p:
+                h = _ref_attn(h, p, f"{pre}.attn.{j}")
+        if pre + ".upsample.conv.weight" in p:
+            h = _ref_up(h, p, pre + ".upsample.conv")
+    return _conv(F.silu(_gn(h, p, "decoder.norm_out")), p, "decoder.conv_out")
+
+
+def official_transformer(p: Tensors, idx: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The authors' Transformer (bidirectional): tokens [B,N] in 0..K -> logits [B,N,K]."""
+    pre = "_denoise_fn."
+
+    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, p[pre + name + ".weight"], p.get(pre + name + ".bias"))
+
+    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], p[pre + name + ".weight"], p[pre + name + ".bias"], eps=1e-5)
+
+    x = p[pre + "tok_emb.weight"][idx] + p[pre + "pos_emb"][:, : idx.shape[1]]  # [B,N,C]
+    b, n, c = x.shape
+    layers = sorted({int(k.split(".")[2]) for k in p if k.startswith(pre + "blocks.")})
+    for i in layers:
+        blk = f"blocks.{i}"
+        h = ln(x, blk + ".ln1")
+        q, k, v = (lin(h, f"{blk}.attn.{t}").view(b, n, n_head, c // n_head).transpose(1, 2)
+                   for t in ("query", "key", "value"))  # [B,H,N,C/H]
+        att = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1])), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + lin(y, blk + ".attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, blk + ".ln2"), blk + ".mlp.0")), blk + ".mlp.2")
+    return lin(ln(x, "ln_f"), "head")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from the weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_levels(blocks: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    levels: list[list[tuple[str, str]]] = [[]]
+    for blk in blocks:
+        if blk[1] == "resample":
+            levels.append([])
+        else:
+            levels[-1].append(blk)
+    return levels
+
+
+def _level_shape(p: Tensors, level: list[tuple[str, str]], where: str, res_key: str = "conv1") -> tuple[int, int, int]:
+    """(residual blocks, attention blocks, output channels) of one level."""
+    kinds = [k for _, k in level]
+    bad = [n for n, k in level if k not in ("res", "attn")]
+    if bad or not kinds or kinds[0] != "res":
+        raise UserError(f"cannot read the architecture of {where}: unexpected block layout {kinds}")
+    res = [n for n, k in level if k == "res"]
+    return len(res), kinds.count("attn"), int(p[res[-1] + f".{res_key}.weight"].shape[0])
+
+
+def _attn_resolutions(levels_with_attn: list[int], img_size: int) -> list[int]:
+    return sorted({img_size // 2 ** i for i in levels_with_attn}, reverse=True)
+
+
+def _img_size_or_default(img_size: int | None, levels: int, progress: ProgressFn) -> int:
+    if img_size is not None:
+        if img_size % 2 ** (levels - 1):
+            raise UserError(f"--img-size {img_size} is not a multiple of the downsampling factor {2 ** (levels - 1)}")
+        return img_size
+    progress({"event": "warn", "message": "the image size cannot be read from VQGAN weights; assuming 256 "
+                                          "(the released models'); pass --img-size (or --prior) to set it"})
+    return 256
+
+
+def infer_official_vqgan(p: Tensors, img_size: int | None = None,
+                         progress: ProgressFn | None = None) -> dict[str, Any]:
+    """A VQGANConfig dict (variant official) from an authors' VQGAN state dict.
+
+    Encoder blocks: conv_in, per level [res (attn)]*n and a downsample between levels, then
+    res, attn, res, GroupNorm, conv. The generator mirrors it. The image size only fixes which
+    resolution the attention levels are called; it comes from `img_size` (else 256).
+    """
+    progress = progress or null_progress
+    enc = _official_blocks(p, "ae.encoder.blocks")
+    dec = _official_blocks(p, "ae.generator.blocks")
+    tail = [k for _, k in enc[-5:]]
+    if len(enc) < 7 or enc[0][1] != "conv" or tail != ["res", "attn", "res", "norm", "conv"]:
+        raise UserError(f"the official VQGAN encoder has an unexpected block layout {[k for _, k in enc]}")
+    dtail = [k for _, k in dec[:4]] + [k for _, k in dec[-2:]]
+    if len(dec) < 7 or dtail != ["conv", "res", "attn", "res", "norm", "conv"]:
+        raise UserError(f"the official VQGAN generator has an unexpected block layout {[k for _, k in dec]}")
+    nf = int(p[enc[0][0] + ".weight"].shape[0])
+    in_channels = int(p[enc[0][0] + ".weight"].shape[1])
+    emb_dim = int(p[enc[-1][0] + ".weight"].shape[0])
+    enc_levels = [_level_shape(p, lv, f"encoder level {i}") for i, lv in enumerate(_split_levels(enc[1:-5]))]
+    dec_levels = [_level_shape(p, lv, f"generator level {i}") for i, lv in enumerate(_split_levels(dec[4:-2]))][::-1]
+    n_levels = len(enc_levels)
+    if len(dec_levels) != n_levels:
+        raise UserError(f"the official VQGAN's generator has {len(dec_levels)} levels but its encoder {n_levels}")
+    res_blocks = {n for n, _, _ in enc_levels}
+    dec_res = {n for n, _, _ in dec_levels}
+    if len(res_blocks) != 1 or len(dec_res) != 1:
+        raise UserError("the official VQGAN has levels with different numbers of residual blocks; uvq cannot hold it")
+    ch_mult = []
+    for i, ((_, _, c_enc), (_, _, c_dec)) in enumerate(zip(enc_levels, dec_levels, strict=True)):
+        if c_enc % nf or c_enc != c_dec:
+            raise UserError(f"the official VQGAN's level {i} has {c_enc} encoder and {c_dec} decoder channels; "
+                            f"uvq needs equal multiples of nf={nf}")
+        ch_mult.append(c_enc // nf)
+    attn_enc = [i for i, (n, a, _) in enumerate(enc_levels) if a]
+    attn_dec = [i for i, (n, a, _) in enumerate(dec_levels) if a]
+    if attn_enc != attn_dec or any(a not in (0, n) for n, a, _ in enc_levels + dec_levels):
+        raise UserError("the official VQGAN has attention at different levels in its encoder and generator; "
+                        "uvq cannot hold it")
+    codebook = p["ae.quantize.embedding.weight"]
+    if int(codebook.shape[1]) != emb_dim:
+        raise UserError(f"the codebook's vectors have {codebook.shape[1]} dimensions but the encoder outputs {emb_dim}")
+    img = _img_size_or_default(img_size, n_levels, progress)
+    return {
+        "img_size": img, "in_channels": in_channels, "nf": nf, "ch_mult": ch_mult,
+        "res_blocks": res_blocks.pop(), "dec_res_blocks": dec_res.pop(),
+        "attn_resolutions": _attn_resolutions(attn_enc, img), "emb_dim": emb_dim, "z_channels": None,
+        "codebook_size": int(codebook.shape[0]), "variant": "official",
+        "likelihood_head": any(k.startswith("ae.generator.logsigma.") for k in p),
+    }
+
+
+def infer_taming_vqgan(p: Tensors, img_size: int | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """A VQGANConfig dict (variant taming) from a taming VQModel state dict (ddconfig from shapes)."""
+    progress = progress or null_progress
+    for key in ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "quant_conv.weight",
+                "post_quant_conv.weight", "quantize.embedding.weight"):
+        if key not in p:
+            hint = (" (a Gumbel or other quantizer; only VectorQuantizer2 models are supported)"
+                    if key == "quantize.embedding.weight" and any(k.startswith("quantize.") for k in p) else "")
+            raise UserError(f"the taming checkpoint lacks {key}{hint}")
+    ch = int(p["encoder.conv_in.weight"].shape[0])
+    in_channels = int(p["encoder.conv_in.weight"].shape[1])
+    z_channels = int(p["encoder.conv_out.weight"].shape[0])
+    emb_dim, quant_in = (int(s) for s in p["quant_conv.weight"].shape[:2])
+    if quant_in != z_channels:
+        raise UserError(f"the taming encoder outputs {z_channels} channels but quant_conv takes {quant_in} "
+                        "(double_z models are not VQGANs)")
+    levels = _taming_levels(p, "encoder.down")
+    enc_res, dec_res, ch_mult, attn_levels, dec_attn = set(), set(), [], [], []
+    for i in levels:
+        blocks = _taming_levels(p, f"encoder.down.{i}.block")
+        enc_res.add(len(blocks))
+        out_ch = int(p[f"encoder.down.{i}.block.{blocks[-1]}.conv1.weight"].shape[0])
+        if out_ch % ch:
+            raise UserError(f"taming encoder level {i} has {out_ch} channels, not a multiple of ch={ch}")
+        ch_mult.append(out_ch // ch)
+        if _taming_levels(p, f"encoder.down.{i}.attn"):
+            attn_levels.append(i)
+        up_blocks = _taming_levels(p, f"decoder.up.{i}.block")
+        dec_res.add(len(up_blocks))
+        if up_blocks and int(p[f"decoder.up.{i}.block.{up_blocks[-1]}.conv1.weight"].shape[0]) != out_ch:
+            raise UserError(f"taming decoder level {i} does not mirror the encoder's channels")
+        if _taming_levels(p, f"decoder.up.{i}.attn"):
+            dec_attn.append(i)
+    if _taming_levels(p, "decoder.up") != levels:
+        raise UserError("the taming decoder's levels do not mirror the encoder's")
+    if len(enc_res) != 1 or len(dec_res) != 1:
+        raise UserError("the taming VQGAN has levels with different numbers of residual blocks; uvq cannot hold it")
+    if attn_levels != dec_attn:
+        raise UserError("the taming VQGAN has attention at different levels in encoder and decoder; uvq cannot hold it")
+    if any(".conv_shortcut." in k for k in p):
+        raise UserError("the taming VQGAN uses 3x3 conv shortcuts (conv_shortcut=True); uvq supports the default 1x1")
+    codebook = p["quantize.embedding.weight"]
+    if int(codebook.shape[1]) != emb_dim:
+        raise UserError(f"the codebook's vectors have {codebook.shape[1]} dimensions but quant_conv outputs {emb_dim}")
+    img = _img_size_or_default(img_size, len(levels), progress)
+    return {
+        "img_size": img, "in_channels": in_channels, "nf": ch, "ch_mult": ch_mult, "res_blocks": enc_res.pop(),
+        "dec_res_blocks": dec_res.pop(), "attn_resolutions": _attn_resolutions(attn_levels, img),
+        "emb_dim": emb_dim, "z_channels": z_channels, "codebook_size": int(codebook.shape[0]), "variant": "taming",
+    }
+
+
+def infer_official_prior(p: Tensors, n_head: int, latent_shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A PriorConfig dict from an authors' prior: K, N, width and depth from shapes; heads given."""
+    pre = "_denoise_fn."
+    for key in ("tok_emb.weight", "pos_emb", "ln_f.weight", "head.weight"):
+        if pre + key not in p:
+            raise UserError(f"the official prior lacks {pre + key}; the file is incomplete")
+    vocab, n_embd = (int(s) for s in p[pre + "tok_emb.weight"].shape)
+    n_tokens = int(p[pre + "pos_emb"].shape[1])
+    codebook_size = vocab - 1  # the last entry is the mask token, id K
+    if tuple(p[pre + "head.weight"].shape) != (codebook_size, n_embd):
+        raise UserError(f"the official prior's head is {list(p[pre + 'head.weight'].shape)}, expected "
+                        f"[{codebook_size}, {n_embd}] for K={codebook_size} codes (token embedding of K+1)")
+    layers = sorted({int(k.split(".")[2]) for k in p if k.startswith(pre + "blocks.")})
+    if layers != list(range(len(layers))) or not layers:
+        raise UserError(f"the official prior's blocks are not numbered 0..n-1 (found {layers[:8]})")
+    hidden = int(p[pre + "blocks.0.mlp.0.weight"].shape[0])
+    if hidden != 4 * n_embd:
+        raise UserError(f"the official prior's MLP has width {hidden}, uvq's transformer has 4 x {n_embd}")
+    if n_head < 1 or n_embd % n_head:
+        raise UserError(f"--heads {n_head} does not divide the width {n_embd}")
+    if latent_shape is None:
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens:
+            raise UserError(f"the official prior has {n_tokens} positions, not a square grid; import it with its VQGAN")
+        latent_shape = (side, side)
+    if latent_shape[0] * latent_shape[1] != n_tokens:
+        raise UserError(f"the prior has {n_tokens} positions but the VQGAN makes {latent_shape[0]}x{latent_shape[1]} "
+                        "code grids; these files do not belong together")
+    return {"n_embd": n_embd, "n_head": n_head, "n_layer": len(layers), "codebook_size": codebook_size,
+            "latent_shape": [int(latent_shape[0]), int(latent_shape[1])]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the paper's models, checked against what the weights say
+# ---------------------------------------------------------------------------------------------
+
+
+_VQGAN_ARCH = ("img_size", "in_channels", "nf", "ch_mult", "res_blocks", "decoder_res_blocks", "attn_resolutions",
+               "emb_dim", "codebook_size", "variant")
+_PRIOR_ARCH = ("n_embd", "n_layer", "codebook_size", "latent_shape")
+
+
+def preset_configs(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The paper's VQGAN and prior sections for `name`, from the packaged recipe."""
+    from uvq.config import load_config
+
+    if name not in PRESETS:
+        raise UserError(f"unknown --preset {name!r}; valid: {', '.join(PRESETS)}")
+    cfg = load_config(name)
+    return _asdict(cfg.model.vqgan), _asdict(cfg.model.prior)
+
+
+def _asdict(section) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(section)
+
+
+def _arch_value(cfg: dict[str, Any], key: str) -> Any:
+    if key == "decoder_res_blocks":
+        dec = cfg.get("dec_res_blocks")
+        return dec if dec is not None else cfg["res_blocks"] + (1 if cfg.get("variant") == "taming" else 0)
+    return list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+
+
+def check_against_preset(name: str, vqgan: dict[str, Any] | None, prior: dict[str, Any] | None) -> None:
+    """Stop with the list of differences when the inferred architecture is not the paper's `name`."""
+    want_vq, want_prior = preset_configs(name)
+    diffs = []
+    for got, want, keys, what in ((vqgan, want_vq, _VQGAN_ARCH, "vqgan"), (prior, want_prior, _PRIOR_ARCH, "prior")):
+        if got is None:
+            continue
+        for key in keys:
+            a, b = _arch_value(got, key), _arch_value(want, key)
+            if a != b:
+                diffs.append(f"{what}.{key} {a} (paper: {b})")
+    if diffs:
+        raise UserError(f"--preset {name}: the weights are not the paper's {name} model: {'; '.join(diffs)}; "
+                        "drop --preset (and give --heads) to import them anyway")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict mapping: every key mapped onto uvq's module or ignored for a reason
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mapping_:
+    """The result of mapping a foreign state dict onto a uvq module's names."""
+
+    weights: Tensors = field(default_factory=dict)  # uvq name -> tensor
+    source: dict[str, str] = field(default_factory=dict)  # uvq name -> foreign name(s)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> foreign names
+    unexpected: list[str] = field(default_factory=list)
+
+    def ignore(self, key: str, reason: str) -> None:
+        self.ignored.setdefault(reason, []).append(key)
+
+    def put(self, name: str, value: torch.Tensor, src: str) -> None:
+        self.weights[name] = value
+        self.source[name] = src
+
+    def summary(self) -> dict[str, Any]:
+        return {"mapped": len(self.weights), "ignored": {r: len(k) for r, k in self.ignored.items()}}
+
+
+def _finish(mapping: Mapping_, model: torch.nn.Module, what: str, path: Path) -> Tensors:
+    """Check the mapped names and shapes against `model`'s state dict; one readable error otherwise."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(mapping.weights))
+    extra = sorted(mapping.source[n] for n in set(mapping.weights) - set(target))
+    unexpected = sorted(mapping.unexpected) + extra
+    shapes = [f"{mapping.source[n]} {list(v.shape)} -> {n} {list(target[n].shape)}"
+              for n, v in mapping.weights.items() if n in target and tuple(v.shape) != tuple(target[n].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:6])}"
+                         f"{', ...' if len(unexpected) > 6 else ''})")
+        if shapes:
+            parts.append(f"wrong shapes ({'; '.join(shapes[:3])})")
+        raise UserError(f"{path} does not map onto uvq's {what}: {'; '.join(parts)}; "
+                        "the file is not the layout it claims, or was made by a modified version of that code")
+    # fp16/bf16 sources become the model's dtype (fp32): the verification runs in fp32
+    return {n: v.detach().to(target[n].dtype).contiguous() for n, v in mapping.weights.items()}
+
+
+def _ignore_foreign(mapping: Mapping_, key: str, with_disc: bool, disc_prefix: str, lpips_prefix: str) -> bool:
+    if key.startswith(lpips_prefix):
+        mapping.ignore(key, "LPIPS copy (a loss network, not part of the model)")
+        return True
+    if key.startswith(disc_prefix):
+        if not with_disc:
+            mapping.ignore(key, "discriminator (pass --with-disc to keep it)")
+        return True
+    return False
+
+
+def map_official_vqgan(p: Tensors, with_disc: bool = False) -> Mapping_:
+    """ae.encoder.* -> encoder.*, ae.generator.* -> decoder.*, ae.quantize.* -> quantize.*.
+
+    The authors' ResBlock owns a 1x1 conv_out even when the width does not change, and never
+    uses it then (models/vqgan.py); uvq's owns it only when used, so those tensors are dropped.
+    """
+    m = Mapping_()
+    for key, value in p.items():
+        if _ignore_foreign(m, key, with_disc, "disc.", "perceptual."):
+            continue
+        if key.startswith("ae.encoder.") or key.startswith("ae.generator.") or key == "ae.quantize.embedding.weight":
+            block = re.match(r"ae\.(encoder|generator)\.blocks\.(\d+)\.conv_out\.", key)
+            if block:
+                conv = p[key.rsplit(".", 1)[0] + ".weight"]
+                if conv.shape[0] == conv.shape[1]:
+                    m.ignore(key, "unused 1x1 shortcut of a same-width residual block")
+                    continue
+            name = key[len("ae."):].replace("generator.", "decoder.", 1)
+            m.put(name, value, key)
+        else:
+            m.unexpected.append(key)
+    return m
+
+
+def _taming_block_keys(p: Tensors, prefix: str) -> Iterator[str]:
+    return (k for k in p if k.startswith(prefix + "."))
+
+
+def map_taming_vqgan(p: Tensors, with_disc: bool = False) -> Mapping_:
+    """taming's nested Encoder/Decoder onto uvq's flat block lists, in construction order:
+
+    encoder: conv_in, per level (block j, attn j)..., downsample; mid block_1, attn_1, block_2;
+    norm_out; conv_out. decoder: conv_in; mid; per level from the coarsest (block j, attn j)...,
+    upsample; norm_out; conv_out. A ResnetBlock's nin_shortcut is uvq's conv_out.
+    """
+    m = Mapping_()
+    taken: set[str] = set()
+
+    def move(src: str, dst: str) -> None:
+        for key in list(_taming_block_keys(p, src)):
+            rest = key[len(src) + 1:].replace("nin_shortcut.", "conv_out.")
+            m.put(f"{dst}.{rest}", p[key], key)
+            taken.add(key)
+
+    def mid(net: str, i: int) -> int:
+        for part in ("block_1", "attn_1", "block_2"):
+            move(f"{net}.mid.{part}", f"{net}.blocks.{i}")
+            i += 1
+        return i
+
+    # encoder
+    i = 0
+    move("encoder.conv_in", f"encoder.blocks.{i}")
+    i += 1
+    for lv in _taming_levels(p, "encoder.down"):
+        for j in _taming_levels(p, f"encoder.down.{lv}.block"):
+            move(f"encoder.down.{lv}.block.{j}", f"encoder.blocks.{i}")
+            i += 1
+            if f"encoder.down.{lv}.attn.{j}.q.weight" in p:
+                move(f"encoder.down.{lv}.attn.{j}", f"encoder.blocks.{i}")
+                i += 1
+        if f"encoder.down.{lv}.downsample.conv.weight" in p:
+            move(f"encoder.down.{lv}.downsample", f"encoder.blocks.{i}")
+            i += 1
+    i = mid("encoder", i)
+    move("encoder.norm_out", f"encoder.blocks.{i}")
+    move("encoder.conv_out", f"encoder.blocks.{i + 1}")
+    # decoder
+    move("decoder.conv_in", "decoder.blocks.0")
+    i = mid("decoder", 1)
+    for lv in reversed(_taming_levels(p, "decoder.up")):
+        for j in _taming_levels(p, f"decoder.up.{lv}.block"):
+            move(f"decoder.up.{lv}.block.{j}", f"decoder.blocks.{i}")
+            i += 1
+            if f"decoder.up.{lv}.attn.{j}.q.weight" in p:
+                move(f"decoder.up.{lv}.attn.{j}", f"decoder.blocks.{i}")
+                i += 1
+        if f"decoder.up.{lv}.upsample.conv.weight" in p:
+            move(f"decoder.up.{lv}.upsample", f"decoder.blocks.{i}")
+            i += 1
+    move("decoder.norm_out", f"decoder.blocks.{i}")
+    move("decoder.conv_out", f"decoder.blocks.{i + 1}")
+    for net in ("quant_conv", "post_quant_conv"):
+        move(net, net)
+    if "quantize.embedding.weight" in p:
+        m.put("quantize.embedding.weight", p["quantize.embedding.weight"], "quantize.embedding.weight")
+        taken.add("quantize.embedding.weight")
+    for key in p:
+        if key in taken:
+            continue
+        if _ignore_foreign(m, key, with_disc, "loss.discriminator.", "loss.perceptual_loss."):
+            continue
+        if key.startswith("loss."):
+            m.ignore(key, "other loss parameters (e.g. logvar)")
+        else:
+            m.unexpected.append(key)
+    return m
+
+
+def map_official_prior(p: Tensors, fused_qkv: bool) -> Mapping_:
+    """_denoise_fn.* -> uvq's transformer; query/key/value fused in that order when uvq fuses them."""
+    m = Mapping_()
+    pre = "_denoise_fn."
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in p.items():
+        if key == pre + "start_tok":
+            m.ignore(key, "start_tok (used only by the autoregressive variant)")
+        elif key in ("Lt_history", "Lt_count", "loss_history"):
+            m.ignore(key, "loss trackers of the authors' importance sampling")
+        elif key == "embedding_weight":
+            m.ignore(key, "codebook copy (checked against the VQGAN's)")
+        elif key.startswith(pre):
+            name = key[len(pre):]
+            qkv = re.match(r"(blocks\.\d+\.attn)\.(query|key|value)\.(weight|bias)$", name)
+            if qkv and fused_qkv:
+                parts.setdefault(f"{qkv.group(1)}.qkv.{qkv.group(3)}", {})[qkv.group(2)] = (key, value)
+            else:
+                m.put(name, value, key)
+        else:
+            m.unexpected.append(key)
+    for name, got in parts.items():
+        if set(got) != {"query", "key", "value"}:
+            for _, (key, _) in got.items():
+                m.unexpected.append(key)
+            continue
+        m.put(name, torch.cat([got[t][1] for t in ("query", "key", "value")], dim=0),
+              "+".join(got[t][0] for t in ("query", "key", "value")))
+    return m
+
+
+def _map_discriminator(p: Tensors, prefix: str, path: Path) -> tuple[torch.nn.Module, Tensors, dict[str, Any]]:
+    """The PatchGAN of `prefix.main.*` onto uvq's discriminator (`--with-disc`)."""
+    from uvq.config import DiscriminatorConfig
+    from uvq.registry import registry
+
+    convs = sorted({int(m.group(1)) for k in p if (m := re.match(re.escape(prefix) + r"main\.(\d+)\.weight$", k))
+                    and p[k].ndim == 4})
+    if not convs:
+        raise UserError(f"--with-disc: {path} has no discriminator weights under {prefix}main.*")
+    ndf = int(p[f"{prefix}main.{convs[0]}.weight"].shape[0])
+    cfg = DiscriminatorConfig(ndf=ndf, n_layers=len(convs) - 2)
+    model = registry.get("discriminators", cfg.name)(cfg)
+    m = Mapping_()
+    for key, value in p.items():
+        if key.startswith(prefix):
+            m.put(key[len(prefix):], value, key)
+    return model, _finish(m, model, "discriminator", path), _asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: the written checkpoint against the original forward pass
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exact_matmul() -> Iterator[None]:
+    """fp32 without TF32 on CUDA, so that the comparison measures the import, not the arithmetic."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def difference(a: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Largest absolute difference and that divided by the reference's largest magnitude."""
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    abs_diff = float((a - ref).abs().max()) if a.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return {"max_abs": abs_diff, "max_rel": abs_diff / max(scale, 1e-12)}
+
+
+def _probe_images(n: int, size: int, channels: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic smooth test images in [0,1]: random low-resolution colours, upsampled."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, channels, max(size // 8, 1), max(size // 8, 1), generator=g)
+    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (x + 0.05 * torch.rand(n, channels, size, size, generator=g)).clamp(0, 1)
+
+
+def verify_vqgan(ckpt: Path, original: Tensors, layout: str, *, device: torch.device, size: int,
+                 tolerance: float = TOLERANCE, images: int = 2) -> dict[str, Any]:
+    """Reload `ckpt` with uvq.checkpoint.load_model and compare with the original layout's forward.
+
+    Codes must agree except at near ties of the distance; the decoder is compared on the
+    reference codes (what the sampler decodes), so a tie cannot spread into the images.
+    """
+    from uvq.checkpoint import load_model
+
+    model, meta = load_model(ckpt, "vqgan", device=device)
+    p = {k: v.to(device).float() for k, v in original.items()}
+    x = _probe_images(images, size, int(meta["model_config"]["in_channels"])).to(device)
+    codebook = p["ae.quantize.embedding.weight" if layout == "official" else "quantize.embedding.weight"]
+    with torch.no_grad(), _exact_matmul():
+        if layout == "official":
+            z = official_encode(p, x)
+            ref_codes = _ref_nearest(z, codebook)
+            ref_img = official_decode(p, _ref_lookup(ref_codes, codebook))
+        else:
+            z = taming_encode(p, x * 2 - 1)
+            ref_codes = _ref_nearest(z, codebook)
+            ref_img = (taming_decode(p, _ref_lookup(ref_codes, codebook)) + 1) / 2  # uvq returns [0,1]
+        codes = model.encode_codes(x)
+        img = model.decode_codes(ref_codes)
+        # a code that differs is acceptable only where two entries are (nearly) equally close
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        dist = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
+        gap = dist.gather(1, codes.reshape(-1, 1)) - dist.gather(1, ref_codes.reshape(-1, 1))
+        ties = float(tolerance * dist.abs().max())
+        mismatched = int((codes != ref_codes).sum())
+        real_mismatch = int((gap.abs() > ties).sum())
+    diff = difference(img, ref_img)
+    result = {"kind": "vqgan", "images": images, "size": size, "codes_mismatch": mismatched,
+              "codes_total": int(codes.numel()), **diff, "tolerance": tolerance}
+    result["ok"] = real_mismatch == 0 and diff["max_rel"] <= tolerance
+    return result
+
+
+def verify_prior(ckpt: Path, original: Tensors, n_head: int, *, device: torch.device,
+                 tolerance: float = TOLERANCE, seed: int = 0) -> dict[str, Any]:
+    """Reload the prior and compare its logits with the authors' transformer on masked token grids."""
+    from uvq.checkpoint import load_model
+
+    model, meta = load_model(ckpt, "prior", device=device)
+    cfg = meta["model_config"]
+    k = int(cfg["codebook_size"])
+    n = int(cfg["latent_shape"][0]) * int(cfg["latent_shape"][1])
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, k, (4, n), generator=g)
+    rates = torch.tensor([0.0, 0.3, 0.7, 1.0]).unsqueeze(1)  # one row per masking rate, as the fixtures
+    x_t = torch.where(torch.rand(4, n, generator=g) < rates, torch.full_like(x0, k), x0).to(device)
+    p = {key: v.to(device).float() for key, v in original.items() if key.startswith("_denoise_fn.")}
+    with torch.no_grad(), _exact_matmul():
+        ref = official_transformer(p, x_t, n_head)
+        out = model(x_t)
+    result = {"kind": "prior", "rows": 4, **difference(out, ref), "tolerance": tolerance}
+    result["ok"] = result["max_rel"] <= tolerance
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Importers
+# ---------------------------------------------------------------------------------------------
+
+
+def _source_record(path: Path, role: str, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.is_floating_point()})
+    return {"role": role, "name": path.name, "path": str(path.resolve()), "sha256": sha256_file(path),
+            "bytes": path.stat().st_size, "dtypes": dtypes}
+
+
+def _provenance(fmt: str, sources: list[dict[str, Any]], inferred: dict[str, Any], mapping: Mapping_,
+                conventions: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "source": "import",
+        "importer": {"name": f"uvq.convert.{fmt}", "version": IMPORTER_VERSION, "uvq_version": __version__},
+        "files": sources,
+        "inferred_architecture": inferred,
+        "keys": mapping.summary(),
+        "conventions": conventions,
+        **extra,
+    }
+
+
+def _build(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
+    from uvq.checkpoint import build_model
+
+    return build_model(kind, cfg)
+
+
+def _write(path: Path, kind: str, cfg: dict[str, Any], weights: Tensors, provenance: dict[str, Any]) -> Path:
+    from uvq.checkpoint import write_checkpoint_dir
+
+    return write_checkpoint_dir(path, kind=kind, model_config=cfg, weights={"model": weights},
+                                provenance=provenance, default_weights="model")
+
+
+def _report(progress: ProgressFn, name: str, result: dict[str, Any]) -> None:
+    extra = f", codes differing {result['codes_mismatch']}/{result['codes_total']}" if "codes_total" in result else ""
+    progress({"event": "log", "message": f"verified {name}: max abs diff {result['max_abs']:.3g}, max rel diff "
+                                         f"{result['max_rel']:.3g} (tolerance {result['tolerance']:g}){extra}"})
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty --out unless --overwrite (an import has nothing to resume)."""
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace its contents")
+    prepare_out_dir(out, overwrite=overwrite, what="import")
+
+
+def _fail_verification(written: list[Path], name: str, result: dict[str, Any]) -> UserError:
+    for path in written:
+        shutil.rmtree(path, ignore_errors=True)
+    return UserError(f"verification failed for the imported {name}: max rel diff {result['max_rel']:.3g} > "
+                     f"{result['tolerance']:g}, {result.get('codes_mismatch', 0)} codes differ; nothing was kept "
+                     "(please report this with the file's sha256)")
+
+
+def _load_official_vqgan(path: Path) -> Tensors:
+    sd = load_tensor_file(path, "--vqgan")
+    _expect_layout(sd, "official-vqgan", path, "--vqgan")
+    return _tensors_only(sd, path, "--vqgan")
+
+
+def _load_official_prior(path: Path) -> Tensors:
+    sd = load_tensor_file(path, "--prior")
+    _expect_layout(sd, "official-prior", path, "--prior")
+    return _tensors_only(sd, path, "--prior")
+
+
+def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | None = None,
+                    heads: int | None = None, preset: str | None = None, img_size: int | None = None,
+                    with_disc: bool = False, overwrite: bool = False, device: str | torch.device = "cpu",
+                    verify_size: int | None = None, tolerance: float = TOLERANCE,
+                    progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Import the authors' VQGAN (and prior) state dicts into `out/vqgan` (and `out/prior`).
+
+    Args:
+        vqgan: `vqgan_ema_<step>.th` (or `vqgan_<step>.th`), a state dict with `ae.*` keys.
+        prior: `absorbing_ema_<step>.th`, a state dict with `_denoise_fn.*` keys; it must have been
+            trained on `vqgan`'s codes (its `embedding_weight` must equal the VQGAN's codebook).
+        heads: attention heads of the prior (shapes cannot tell); from `preset` when not given.
+        preset: ffhq | churches | bedroom: check that the weights are the paper's model and take
+            its settings (8 heads, 256x256).
+        img_size: the VQGAN's image size; read from the prior's positions when a prior is given,
+            else from the preset, else 256.
+        with_disc: also keep the discriminator (`disc.*`) as `discriminator.safetensors`.
+        verify_size: image size of the verification pass (default: img_size).
+
+    Returns the summary: paths, inferred configs, key accounting, verification figures.
+    """
+    progress = progress or null_progress
+    device = torch.device(device)
+    out = Path(out)
+    vq_path = Path(vqgan)
+    vq_sd = _load_official_vqgan(vq_path)
+    pr_path = Path(prior) if prior is not None else None
+    pr_sd = _load_official_prior(pr_path) if pr_path is not None else None
+
+    # Image size: the prior's N fixes the latent grid, hence the image size.
+    want_vq = want_prior = None
+    if preset is not None:
+        want_vq, want_prior = preset_configs(preset)
+    if pr_sd is not None and "_denoise_fn.pos_emb" in pr_sd:
+        n_tokens = int(pr_sd["_denoise_fn.pos_emb"].shape[1])
+        side = math.isqrt(n_tokens)
+        levels = len(_split_levels(_official_blocks(vq_sd, "ae.encoder.blocks")[1:-5]))
+        from_prior = side * 2 ** (levels - 1) if side * side == n_tokens else None
+        if img_size is not None and from_prior is not None and img_size != from_prior:
+            raise UserError(f"--img-size {img_size} disagrees with the prior, whose {n_tokens} positions make "
+                            f"{side}x{side} codes, i.e. {from_prior}x{from_prior} images")
+        img_size = img_size or from_prior
+    if img_size is None and want_vq is not None:
+        img_size = want_vq["img_size"]
+    vq_cfg = infer_official_vqgan(vq_sd, img_size, progress)
+    if heads is None and pr_sd is not None:
+        if want_prior is None:
+            raise UserError("the number of attention heads cannot be read from the weights; pass --heads N "
+                            "or --preset ffhq|churches|bedroom (the paper's models have 8)")
+        heads = int(want_prior["n_head"])
+    latent = tuple(vq_cfg["img_size"] // 2 ** (len(vq_cfg["ch_mult"]) - 1) for _ in range(2))
+    pr_cfg = infer_official_prior(pr_sd, heads, latent) if pr_sd is not None else None
+    if preset is not None:
+        check_against_preset(preset, vq_cfg, pr_cfg)
+        if heads is not None and pr_cfg is not None and heads != want_prior["n_head"]:
+            raise UserError(f"--heads {heads} differs from the paper's {preset} model ({want_prior['n_head']} heads)")
+    if pr_sd is not None:
+        copy = pr_sd.get("embedding_weight")
+        book = vq_sd["ae.quantize.embedding.weight"]
+        if copy is not None and (copy.shape != book.shape or not torch.allclose(copy.float(), book.float(), atol=1e-6)):
+            raise UserError(f"the prior {pr_path.name} was trained on another VQGAN's codes: its embedding_weight "
+                            f"differs from the codebook of {vq_path.name}; give the VQGAN it was trained with "
+                            "(the same run's vqgan_ema_<step>.th)")
+
+    # Map every key, then build uvq's modules and check names and shapes.
+    vq_map = map_official_vqgan(vq_sd, with_disc)
+    vq_weights = _finish(vq_map, _build("vqgan", vq_cfg), "VQGAN", vq_path)
+    disc = _map_discriminator(vq_sd, "disc.", vq_path) if with_disc else None
+    pr_map = pr_weights = None
+    if pr_sd is not None:
+        fused = any(k.endswith("attn.qkv.weight") for k in _build("prior", _prior_section(pr_cfg)).state_dict())
+        pr_map = map_official_prior(pr_sd, fused)
+        pr_weights = _finish(pr_map, _build("prior", _prior_section(pr_cfg)), "prior", pr_path)
+
+    # Write.
+    _claim_out(out, overwrite)
+    vq_src = _source_record(vq_path, "vqgan", vq_sd)
+    conventions = {"image_range": "[0, 1] (the authors' convention, as uvq's)", "mask_id": vq_cfg["codebook_size"]}
+    vq_dir = _write(out / "vqgan", "vqgan", vq_cfg, vq_weights,
+                    _provenance("official", [vq_src], vq_cfg, vq_map, conventions))
+    written = [vq_dir]
+    if disc is not None:
+        _write_discriminator(vq_dir, *disc)
+    summary: dict[str, Any] = {"format": "official", "out": str(out), "vqgan": _ckpt_summary(vq_dir, vq_cfg, vq_map)}
+    if pr_sd is not None:
+        from uvq.checkpoint import read_meta
+        from uvq.latents import tokenizer_record
+
+        vq_meta = read_meta(vq_dir)
+        vq_meta["weights_sha256"] = vq_meta["weights_sha256"]["model"]
+        tokenizer = tokenizer_record(vq_meta, "model")
+        pr_section = _prior_section(pr_cfg)
+        prov = _provenance("official", [_source_record(pr_path, "prior", pr_sd)], pr_section, pr_map,
+                           {**conventions, "heads": f"{heads} (given, not in the weights)"},
+                           tokenizer=tokenizer, vqgan=str(vq_dir),
+                           # what `fit-prior` records of its latents' manifest; the authors' cache is not shipped
+                           latents={"codebook_size": pr_cfg["codebook_size"], "latent_shape": pr_cfg["latent_shape"],
+                                    "tokenizer": tokenizer, "source": "the authors' training latents (not shipped)"})
+        pr_dir = _write(out / "prior", "prior", pr_section, pr_weights, prov)
+        written.append(pr_dir)
+        summary["prior"] = _ckpt_summary(pr_dir, pr_section, pr_map)
+
+    # Verify what was written against the original layout.
+    size = verify_size or vq_cfg["img_size"]
+    progress({"event": "log", "message": f"verifying the imported VQGAN at {size}x{size} on {device}"})
+    res = verify_vqgan(vq_dir, vq_sd, "official", device=device, size=size, tolerance=tolerance)
+    _report(progress, "vqgan", res)
+    summary["vqgan"]["verification"] = res
+    if not res["ok"]:
+        raise _fail_verification(written, "VQGAN", res)
+    if pr_sd is not None:
+        res = verify_prior(out / "prior", pr_sd, heads, device=device, tolerance=tolerance)
+        _report(progress, "prior", res)
+        summary["prior"]["verification"] = res
+        if not res["ok"]:
+            raise _fail_verification(written, "prior", res)
+    return summary
+
+
+def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = None, with_disc: bool = False,
+                  overwrite: bool = False, device: str | torch.device = "cpu", verify_size: int | None = None,
+                  tolerance: float = TOLERANCE, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Import a taming-transformers VQModel (Lightning `.ckpt`) as the uvq checkpoint directory `out`.
+
+    The result is a VQGAN of variant "taming": quant_conv / post_quant_conv, swish before the final
+    convs, `res_blocks + 1` decoder blocks per level, and [0,1] <-> [-1,1] inside, so that uvq's
+    API keeps taking [0,1] images. `img_size` (default 256, taming's) names the attention levels.
+    """
+    progress = progress or null_progress
+    device = torch.device(device)
+    out = Path(out)
+    path = Path(vqgan)
+    raw = load_tensor_file(path, "--vqgan")
+    found = detect_layout(raw)
+    if found == "lightning":
+        raw = dict(raw["state_dict"])
+    elif found != "taming-vqgan":
+        raise UserError(f"--vqgan {path} is the wrong kind of file: it is {_LAYOUT_NAMES[found]}")
+    sd = _tensors_only(raw, path, "--vqgan")
+    if detect_layout(sd) != "taming-vqgan":
+        raise UserError(f"--vqgan {path} holds a Lightning state_dict that is not a taming VQModel "
+                        f"(no encoder.down.* / decoder.up.* keys): it is {_LAYOUT_NAMES[detect_layout(sd)]}")
+    cfg = infer_taming_vqgan(sd, img_size, progress)
+    mapping = map_taming_vqgan(sd, with_disc)
+    weights = _finish(mapping, _build("vqgan", cfg), "VQGAN (taming variant)", path)
+    disc = _map_discriminator(sd, "loss.discriminator.", path) if with_disc else None
+
+    _claim_out(out, overwrite)
+    conventions = {"image_range": "[-1, 1] inside the networks; uvq's API converts from and to [0, 1]",
+                   "quant_conv": True, "swish_before_final_convs": True,
+                   "decoder_res_blocks": cfg["dec_res_blocks"], "mask_id": cfg["codebook_size"]}
+    ckpt = _write(out, "vqgan", cfg, weights,
+                  _provenance("taming", [_source_record(path, "vqgan", sd)], cfg, mapping, conventions))
+    (ckpt / MARKER).touch()  # the directory stays ours for a later --overwrite
+    if disc is not None:
+        _write_discriminator(ckpt, *disc)
+    summary: dict[str, Any] = {"format": "taming", "out": str(out), "vqgan": _ckpt_summary(ckpt, cfg, mapping)}
+    size = verify_size or cfg["img_size"]
+    progress({"event": "log", "message": f"verifying the imported VQGAN at {size}x{size} on {device}"})
+    res = verify_vqgan(ckpt, sd, "taming", device=device, size=size, tolerance=tolerance)
+    _report(progress, "vqgan", res)
+    summary["vqgan"]["verification"] = res
+    if not res["ok"]:
+        raise _fail_verification([ckpt], "VQGAN", res)
+    return summary
+
+
+def _prior_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The PriorConfig dict of an imported prior (the authors' network ignores t)."""
+    return {"name": "absorbing_transformer.v1", **cfg, "dropout": 0.0, "time_conditioning": False}
+
+
+def _ckpt_summary(path: Path, cfg: dict[str, Any], mapping: Mapping_) -> dict[str, Any]:
+    return {"path": str(path), "model_config": cfg, "keys": mapping.summary()}
+
+
+def _write_discriminator(ckpt: Path, model: torch.nn.Module, weights: Tensors, cfg: dict[str, Any]) -> None:
+    """`discriminator.safetensors` beside the VQGAN's weights (its config in the file's metadata)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from uvq.files import atomic_path
+
+    with atomic_path(ckpt / "discriminator.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"uvq": json.dumps({"kind": "discriminator", "model_config": cfg})})
+
+
+__all__ = ["import_official", "import_taming", "load_tensor_file", "detect_layout", "infer_official_vqgan",
+           "infer_taming_vqgan", "infer_official_prior", "map_official_vqgan", "map_taming_vqgan",
+           "map_official_prior", "official_encode", "official_decode", "taming_encode", "taming_decode",
+           "official_transformer", "verify_vqgan", "verify_prior", "difference", "check_against_preset",
+           "PRESETS", "TOLERANCE", "IMPORTER_VERSION"]
