@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,18 @@ import torch
 
 from uvq.checkpoint import load_model, write_checkpoint_dir
 from uvq.config import load_config
-from uvq.latents import (LatentStream, check_tokenizer, encode_dataset, iterate_latents, latents_stream, list_shards,
-                         read_manifest, read_shard, write_latents, write_shard)
+from uvq.latents import (
+    LatentStream,
+    check_tokenizer,
+    encode_dataset,
+    iterate_latents,
+    latents_stream,
+    list_shards,
+    read_manifest,
+    read_shard,
+    write_latents,
+    write_shard,
+)
 from uvq.registry import registry
 from uvq.runtime import UserError
 
@@ -224,6 +233,9 @@ def test_encode_resumes_without_redoing_finished_shards(tmp_path, tiny_vqgan):
     # A re-run with other settings would mix two encodes: refused, naming the setting.
     with pytest.raises(UserError, match="shard_size=6.*shard_size=5"):
         _encode(tiny_vqgan, out, shard_size=5)
+    third = _encode(tiny_vqgan, out, shard_size=5, overwrite=True)  # --overwrite starts over
+    assert third["skipped"] == 0 and all(p.name.endswith(".tar") or p.name in ("manifest.json", "encode.json", ".uvq")
+                                         for p in out.iterdir())
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, tiny) -> None:

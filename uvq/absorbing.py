@@ -211,7 +211,7 @@ class AbsorbingDiffusion:
 
     # --- training loss (Eq. 6 / Eq. 7 / official / MLM) ---------------------------------------
 
-    def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, loss: str = "reweighted_elbo.v1",
+    def training_loss(self, model_fn: ModelFn, x0: torch.Tensor, loss_name: str = "reweighted_elbo.v1",
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One stochastic estimate of the chosen loss on the batch x0 [B,N], with the ELBO beside it.
 
@@ -223,7 +223,7 @@ class AbsorbingDiffusion:
                    loss-by-time-step plot; weight: [B] the importance weights 1/(T p(t)).
         Updates the per-t trackers (importance sampling and the plot's history).
         """
-        loss_fn = registry.get("losses", loss)
+        loss_fn = registry.get("losses", loss_name)
         B, N = x0.shape
         if N != self.n_tokens:
             raise UserError(f"token grids have {N} tokens but the process was built for {self.n_tokens}; "
@@ -301,7 +301,7 @@ class AbsorbingDiffusion:
 
     @torch.no_grad()
     def elbo_full_sum(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-                      max_rows: int = 1024, progress: ProgressFn | None = None) -> torch.Tensor:
+                      max_rows: int = 256, progress: ProgressFn | None = None) -> torch.Tensor:
         """sum_{t=1..T} (1/t) CE(t) with one masking draw per t, in bits per token. [B,N] -> [B].
 
         As the authors' `elbo`; several t share a forward pass (up to `max_rows` rows of B images).
@@ -328,7 +328,7 @@ class AbsorbingDiffusion:
 
     @torch.no_grad()
     def elbo_monte_carlo(self, model_fn: ModelFn, x0: torch.Tensor, n_draws: int,
-                         generator: torch.Generator | None = None, max_rows: int = 1024,
+                         generator: torch.Generator | None = None, max_rows: int = 256,
                          progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard error over `n_draws` single-t estimates T/t CE(t), t ~ U{1..T}. -> ([B], [B]).
 
@@ -373,7 +373,7 @@ def _mask_id_of(model_fn: ModelFn, mask_id: int | None) -> int:
 
 def elbo_full_sum(model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
                   T: int | None = None, *, mask_id: int | None = None, masking: str = "random",
-                  max_rows: int = 1024, progress: ProgressFn | None = None) -> torch.Tensor:
+                  max_rows: int = 256, progress: ProgressFn | None = None) -> torch.Tensor:
     """Bits per token per image [B] by the full sum over t (see AbsorbingDiffusion.elbo_full_sum)."""
     process = AbsorbingDiffusion(x0.shape[1], _mask_id_of(model_fn, mask_id), T=T, masking=masking)
     return process.elbo_full_sum(model_fn, x0, generator, max_rows=max_rows, progress=progress)
@@ -381,7 +381,7 @@ def elbo_full_sum(model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generato
 
 def elbo_monte_carlo(model_fn: ModelFn, x0: torch.Tensor, n_draws: int, generator: torch.Generator | None = None,
                      T: int | None = None, *, mask_id: int | None = None, masking: str = "random",
-                     max_rows: int = 1024, progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_rows: int = 256, progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [B], stderr [B]) in bits per token from single-t draws (see AbsorbingDiffusion.elbo_monte_carlo)."""
     process = AbsorbingDiffusion(x0.shape[1], _mask_id_of(model_fn, mask_id), T=T, masking=masking)
     return process.elbo_monte_carlo(model_fn, x0, n_draws, generator, max_rows=max_rows, progress=progress)

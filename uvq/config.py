@@ -53,6 +53,7 @@ class DataConfig:
         _check(self.num_workers >= 0, f"{path}.num_workers must be >= 0")
         _check(self.max_images is None or self.max_images > 0, f"{path}.max_images must be positive")
         _check(self.demo_images >= 8, f"{path}.demo_images must be >= 8")
+        _check(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer must be >= 1")
 
 
 @dataclass

@@ -273,7 +273,20 @@ def official_encode(p: Tensors, x: torch.Tensor) -> torch.Tensor:
 
 def official_decode(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
     """The authors' Generator: [B,D,h,w] -> images [B,3,H,W] (nominally [0,1])."""
-    for name, kind in _official_blocks(p, "ae.generator.blocks"):
+    last = _official_blocks(p, "ae.generator.blocks")[-1][0]
+    return _conv(_official_features(p, z_q), p, last)
+
+
+def official_logsigma(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
+    """The authors' likelihood head (Generator.probabilistic): conv3x3, ReLU, conv1x1 on the
+    features before the last conv -> per-pixel log-std [B,3,H,W]."""
+    h = F.relu(_conv(_official_features(p, z_q), p, "ae.generator.logsigma.0"))
+    return _conv(h, p, "ae.generator.logsigma.2")
+
+
+def _official_features(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
+    """Every generator block but the last conv."""
+    for name, kind in _official_blocks(p, "ae.generator.blocks")[:-1]:
         if kind == "res":
             z_q = _ref_resblock(z_q, p, name, "conv_out")
         elif kind == "attn":
@@ -584,7 +597,7 @@ def check_against_preset(name: str, vqgan: dict[str, Any] | None, prior: dict[st
 
 
 @dataclass
-class Mapping_:
+class KeyMap:
     """The result of mapping a foreign state dict onto a uvq module's names."""
 
     weights: Tensors = field(default_factory=dict)  # uvq name -> tensor
@@ -603,7 +616,7 @@ class Mapping_:
         return {"mapped": len(self.weights), "ignored": {r: len(k) for r, k in self.ignored.items()}}
 
 
-def _finish(mapping: Mapping_, model: torch.nn.Module, what: str, path: Path) -> Tensors:
+def _finish(mapping: KeyMap, model: torch.nn.Module, what: str, path: Path) -> Tensors:
     """Check the mapped names and shapes against `model`'s state dict; one readable error otherwise."""
     target = model.state_dict()
     missing = sorted(set(target) - set(mapping.weights))
@@ -626,24 +639,24 @@ def _finish(mapping: Mapping_, model: torch.nn.Module, what: str, path: Path) ->
     return {n: v.detach().to(target[n].dtype).contiguous() for n, v in mapping.weights.items()}
 
 
-def _ignore_foreign(mapping: Mapping_, key: str, with_disc: bool, disc_prefix: str, lpips_prefix: str) -> bool:
+def _ignore_foreign(mapping: KeyMap, key: str, with_disc: bool, disc_prefix: str, lpips_prefix: str) -> bool:
     if key.startswith(lpips_prefix):
         mapping.ignore(key, "LPIPS copy (a loss network, not part of the model)")
         return True
     if key.startswith(disc_prefix):
-        if not with_disc:
-            mapping.ignore(key, "discriminator (pass --with-disc to keep it)")
+        mapping.ignore(key, "discriminator (kept in discriminator.safetensors)" if with_disc
+                       else "discriminator (pass --with-disc to keep it)")
         return True
     return False
 
 
-def map_official_vqgan(p: Tensors, with_disc: bool = False) -> Mapping_:
+def map_official_vqgan(p: Tensors, with_disc: bool = False) -> KeyMap:
     """ae.encoder.* -> encoder.*, ae.generator.* -> decoder.*, ae.quantize.* -> quantize.*.
 
     The authors' ResBlock owns a 1x1 conv_out even when the width does not change, and never
     uses it then (models/vqgan.py); uvq's owns it only when used, so those tensors are dropped.
     """
-    m = Mapping_()
+    m = KeyMap()
     for key, value in p.items():
         if _ignore_foreign(m, key, with_disc, "disc.", "perceptual."):
             continue
@@ -665,14 +678,14 @@ def _taming_block_keys(p: Tensors, prefix: str) -> Iterator[str]:
     return (k for k in p if k.startswith(prefix + "."))
 
 
-def map_taming_vqgan(p: Tensors, with_disc: bool = False) -> Mapping_:
+def map_taming_vqgan(p: Tensors, with_disc: bool = False) -> KeyMap:
     """taming's nested Encoder/Decoder onto uvq's flat block lists, in construction order:
 
     encoder: conv_in, per level (block j, attn j)..., downsample; mid block_1, attn_1, block_2;
     norm_out; conv_out. decoder: conv_in; mid; per level from the coarsest (block j, attn j)...,
     upsample; norm_out; conv_out. A ResnetBlock's nin_shortcut is uvq's conv_out.
     """
-    m = Mapping_()
+    m = KeyMap()
     taken: set[str] = set()
 
     def move(src: str, dst: str) -> None:
@@ -736,9 +749,9 @@ def map_taming_vqgan(p: Tensors, with_disc: bool = False) -> Mapping_:
     return m
 
 
-def map_official_prior(p: Tensors, fused_qkv: bool) -> Mapping_:
+def map_official_prior(p: Tensors, fused_qkv: bool) -> KeyMap:
     """_denoise_fn.* -> uvq's transformer; query/key/value fused in that order when uvq fuses them."""
-    m = Mapping_()
+    m = KeyMap()
     pre = "_denoise_fn."
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in p.items():
@@ -779,7 +792,7 @@ def _map_discriminator(p: Tensors, prefix: str, path: Path) -> tuple[torch.nn.Mo
     ndf = int(p[f"{prefix}main.{convs[0]}.weight"].shape[0])
     cfg = DiscriminatorConfig(ndf=ndf, n_layers=len(convs) - 2)
     model = registry.get("discriminators", cfg.name)(cfg)
-    m = Mapping_()
+    m = KeyMap()
     for key, value in p.items():
         if key.startswith(prefix):
             m.put(key[len(prefix):], value, key)
@@ -831,11 +844,15 @@ def verify_vqgan(ckpt: Path, original: Tensors, layout: str, *, device: torch.de
     p = {k: v.to(device).float() for k, v in original.items()}
     x = _probe_images(images, size, int(meta["model_config"]["in_channels"])).to(device)
     codebook = p["ae.quantize.embedding.weight" if layout == "official" else "quantize.embedding.weight"]
+    ref_logsigma = logsigma = None
     with torch.no_grad(), _exact_matmul():
         if layout == "official":
             z = official_encode(p, x)
             ref_codes = _ref_nearest(z, codebook)
             ref_img = official_decode(p, _ref_lookup(ref_codes, codebook))
+            if "ae.generator.logsigma.0.weight" in p:
+                ref_logsigma = official_logsigma(p, _ref_lookup(ref_codes, codebook))
+                logsigma = model.decoder.probabilistic(model.quantize.lookup(ref_codes))[1]
         else:
             z = taming_encode(p, x * 2 - 1)
             ref_codes = _ref_nearest(z, codebook)
@@ -852,6 +869,9 @@ def verify_vqgan(ckpt: Path, original: Tensors, layout: str, *, device: torch.de
     diff = difference(img, ref_img)
     result = {"kind": "vqgan", "images": images, "size": size, "codes_mismatch": mismatched,
               "codes_total": int(codes.numel()), **diff, "tolerance": tolerance}
+    if ref_logsigma is not None:  # the likelihood head, when the file has one
+        result["logsigma"] = difference(logsigma, ref_logsigma)
+        diff["max_rel"] = max(diff["max_rel"], result["logsigma"]["max_rel"])
     result["ok"] = real_mismatch == 0 and diff["max_rel"] <= tolerance
     return result
 
@@ -866,14 +886,14 @@ def verify_prior(ckpt: Path, original: Tensors, n_head: int, *, device: torch.de
     k = int(cfg["codebook_size"])
     n = int(cfg["latent_shape"][0]) * int(cfg["latent_shape"][1])
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.randint(0, k, (4, n), generator=g)
-    rates = torch.tensor([0.0, 0.3, 0.7, 1.0]).unsqueeze(1)  # one row per masking rate, as the fixtures
-    x_t = torch.where(torch.rand(4, n, generator=g) < rates, torch.full_like(x0, k), x0).to(device)
+    rates = torch.tensor([0.5, 1.0]).unsqueeze(1)  # one half-masked grid, one fully masked (sampling's start)
+    x0 = torch.randint(0, k, (len(rates), n), generator=g)
+    x_t = torch.where(torch.rand(x0.shape, generator=g) < rates, torch.full_like(x0, k), x0).to(device)
     p = {key: v.to(device).float() for key, v in original.items() if key.startswith("_denoise_fn.")}
     with torch.no_grad(), _exact_matmul():
         ref = official_transformer(p, x_t, n_head)
         out = model(x_t)
-    result = {"kind": "prior", "rows": 4, **difference(out, ref), "tolerance": tolerance}
+    result = {"kind": "prior", "rows": len(rates), **difference(out, ref), "tolerance": tolerance}
     result["ok"] = result["max_rel"] <= tolerance
     return result
 
@@ -889,7 +909,7 @@ def _source_record(path: Path, role: str, sd: Mapping[str, torch.Tensor]) -> dic
             "bytes": path.stat().st_size, "dtypes": dtypes}
 
 
-def _provenance(fmt: str, sources: list[dict[str, Any]], inferred: dict[str, Any], mapping: Mapping_,
+def _provenance(fmt: str, sources: list[dict[str, Any]], inferred: dict[str, Any], mapping: KeyMap,
                 conventions: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
         "source": "import",
@@ -903,9 +923,11 @@ def _provenance(fmt: str, sources: list[dict[str, Any]], inferred: dict[str, Any
 
 
 def _build(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
+    """uvq's module for `cfg` on the meta device: names, shapes and dtypes without memory or init cost."""
     from uvq.checkpoint import build_model
 
-    return build_model(kind, cfg)
+    with torch.device("meta"):
+        return build_model(kind, cfg)
 
 
 def _write(path: Path, kind: str, cfg: dict[str, Any], weights: Tensors, provenance: dict[str, Any]) -> Path:
@@ -915,16 +937,35 @@ def _write(path: Path, kind: str, cfg: dict[str, Any], weights: Tensors, provena
                                 provenance=provenance, default_weights="model")
 
 
+def _verify_size(cfg: dict[str, Any], verify_size: int | None) -> int:
+    """The verification's image size: `verify_size`, else the training size capped at 128.
+
+    The networks are convolutional and their attention sits at fixed levels, so a smaller image
+    passes through every weight; the cap keeps a CPU import quick.
+    """
+    down = 2 ** (len(cfg["ch_mult"]) - 1)
+    size = verify_size or min(int(cfg["img_size"]), max(128, down))
+    if size % down:
+        raise UserError(f"--verify-size {size} must be a multiple of the downsampling factor {down}")
+    return size
+
+
 def _report(progress: ProgressFn, name: str, result: dict[str, Any]) -> None:
     extra = f", codes differing {result['codes_mismatch']}/{result['codes_total']}" if "codes_total" in result else ""
     progress({"event": "log", "message": f"verified {name}: max abs diff {result['max_abs']:.3g}, max rel diff "
                                          f"{result['max_rel']:.3g} (tolerance {result['tolerance']:g}){extra}"})
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty --out unless --overwrite (an import has nothing to resume)."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty --out unless --overwrite (an import has nothing to resume), before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(p.name != MARKER for p in out.iterdir()) and not overwrite:
         raise UserError(f"output directory {out} is not empty; pass --overwrite to replace its contents")
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    _check_out(out, overwrite)
     prepare_out_dir(out, overwrite=overwrite, what="import")
 
 
@@ -965,13 +1006,14 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
         img_size: the VQGAN's image size; read from the prior's positions when a prior is given,
             else from the preset, else 256.
         with_disc: also keep the discriminator (`disc.*`) as `discriminator.safetensors`.
-        verify_size: image size of the verification pass (default: img_size).
+        verify_size: image size of the verification pass (default: img_size, at most 128).
 
     Returns the summary: paths, inferred configs, key accounting, verification figures.
     """
     progress = progress or null_progress
     device = torch.device(device)
     out = Path(out)
+    _check_out(out, overwrite)
     vq_path = Path(vqgan)
     vq_sd = _load_official_vqgan(vq_path)
     pr_path = Path(prior) if prior is not None else None
@@ -1018,9 +1060,9 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
     disc = _map_discriminator(vq_sd, "disc.", vq_path) if with_disc else None
     pr_map = pr_weights = None
     if pr_sd is not None:
-        fused = any(k.endswith("attn.qkv.weight") for k in _build("prior", _prior_section(pr_cfg)).state_dict())
-        pr_map = map_official_prior(pr_sd, fused)
-        pr_weights = _finish(pr_map, _build("prior", _prior_section(pr_cfg)), "prior", pr_path)
+        target = _build("prior", _prior_section(pr_cfg))
+        pr_map = map_official_prior(pr_sd, fused_qkv=any(k.endswith("attn.qkv.weight") for k in target.state_dict()))
+        pr_weights = _finish(pr_map, target, "prior", pr_path)
 
     # Write.
     _claim_out(out, overwrite)
@@ -1051,7 +1093,7 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
         summary["prior"] = _ckpt_summary(pr_dir, pr_section, pr_map)
 
     # Verify what was written against the original layout.
-    size = verify_size or vq_cfg["img_size"]
+    size = _verify_size(vq_cfg, verify_size)
     progress({"event": "log", "message": f"verifying the imported VQGAN at {size}x{size} on {device}"})
     res = verify_vqgan(vq_dir, vq_sd, "official", device=device, size=size, tolerance=tolerance)
     _report(progress, "vqgan", res)
@@ -1079,6 +1121,7 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
     progress = progress or null_progress
     device = torch.device(device)
     out = Path(out)
+    _check_out(out, overwrite)
     path = Path(vqgan)
     raw = load_tensor_file(path, "--vqgan")
     found = detect_layout(raw)
@@ -1105,7 +1148,7 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
     if disc is not None:
         _write_discriminator(ckpt, *disc)
     summary: dict[str, Any] = {"format": "taming", "out": str(out), "vqgan": _ckpt_summary(ckpt, cfg, mapping)}
-    size = verify_size or cfg["img_size"]
+    size = _verify_size(cfg, verify_size)
     progress({"event": "log", "message": f"verifying the imported VQGAN at {size}x{size} on {device}"})
     res = verify_vqgan(ckpt, sd, "taming", device=device, size=size, tolerance=tolerance)
     _report(progress, "vqgan", res)
@@ -1120,7 +1163,7 @@ def _prior_section(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"name": "absorbing_transformer.v1", **cfg, "dropout": 0.0, "time_conditioning": False}
 
 
-def _ckpt_summary(path: Path, cfg: dict[str, Any], mapping: Mapping_) -> dict[str, Any]:
+def _ckpt_summary(path: Path, cfg: dict[str, Any], mapping: KeyMap) -> dict[str, Any]:
     return {"path": str(path), "model_config": cfg, "keys": mapping.summary()}
 
 
@@ -1138,6 +1181,6 @@ def _write_discriminator(ckpt: Path, model: torch.nn.Module, weights: Tensors, c
 
 __all__ = ["import_official", "import_taming", "load_tensor_file", "detect_layout", "infer_official_vqgan",
            "infer_taming_vqgan", "infer_official_prior", "map_official_vqgan", "map_taming_vqgan",
-           "map_official_prior", "official_encode", "official_decode", "taming_encode", "taming_decode",
+           "map_official_prior", "official_encode", "official_decode", "official_logsigma", "taming_encode", "taming_decode",
            "official_transformer", "verify_vqgan", "verify_prior", "difference", "check_against_preset",
            "PRESETS", "TOLERANCE", "IMPORTER_VERSION"]

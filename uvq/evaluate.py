@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import tarfile
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from uvq import __version__
 from uvq.files import atomic_path, atomic_write_json, sha256_file
@@ -50,13 +52,14 @@ class Item:
     key: str
     path: Path
     member: str | None = None  # tar member name for webdataset shards
+    demo: tuple[int, int] | None = None  # (index, size) of an image of the embedded demo set
 
 
 @dataclass
 class ImageSet:
     """A set of images to evaluate, or a stored features / statistics file standing for one.
 
-    `kind` is "folder", "samples" (a `uvq sample` output directory), "webdataset", "features"
+    `kind` is "folder", "samples" (a `uvq sample` output directory), "webdataset", "demo", "features"
     (an [N, D] array in .npy / .safetensors) or "stats" (an .npz with mu and sigma).
     `content_sha256` hashes every key and every byte in order: two sets with the same hash are
     the same images, whatever their names.
@@ -70,7 +73,7 @@ class ImageSet:
 
     @property
     def is_images(self) -> bool:
-        return self.kind in ("folder", "samples", "webdataset")
+        return self.kind in ("folder", "samples", "webdataset", "demo")
 
     def describe(self) -> dict[str, Any]:
         out = {"source": self.source, "kind": self.kind, "content_sha256": self.content_sha256}
@@ -139,7 +142,7 @@ def open_set(source: str | Path, *, role: str = "set", progress: ProgressFn | No
 
     Accepts an image folder (recursive, sorted by relative path), a `uvq sample` output
     directory (its sample-*.png), webdataset shards (a .tar, a brace pattern, or a folder of
-    .tar files), a features file (.npy / .safetensors, [N, D]) or a statistics file (.npz with
+    .tar files), the embedded demo set (`demo[:N][@SIZE]`), a features file (.npy / .safetensors, [N, D]) or a statistics file (.npz with
     mu and sigma). Remote URLs are not read: copy the shards locally first.
     """
     progress = progress or null_progress
@@ -147,7 +150,15 @@ def open_set(source: str | Path, *, role: str = "set", progress: ProgressFn | No
     if "://" in text or text.startswith("pipe:"):
         raise UserError(f"{role} {text!r} is a URL; evaluation reads local files only: download the shards and pass their path")
     path = Path(text)
-    if "{" in text and not path.exists():
+    demo = re.fullmatch(r"demo(?::(\d+))?(?:@(\d+))?", text)
+    if demo and not path.exists():
+        # The embedded demo set (uvq.demo), drawn at a size: demo[:N][@SIZE], the demo recipe's
+        # 2048 images at 32 px by default.
+        from uvq.demo import demo_key
+
+        n, size = int(demo.group(1) or 2048), int(demo.group(2) or 32)
+        items, kind, meta = [Item(demo_key(i), path, demo=(i, size)) for i in range(n)], "demo", {}
+    elif "{" in text and not path.exists():
         items, kind = _shard_items(_expand_shards(text)), "webdataset"
         meta: dict[str, Any] = {}
     elif path.is_file():
@@ -191,6 +202,14 @@ def iter_bytes(items: Sequence[Item]) -> Iterator[tuple[Item, bytes]]:
     i = 0
     while i < len(items):
         item = items[i]
+        if item.demo is not None:
+            from uvq.demo import demo_array
+
+            buf = io.BytesIO()
+            Image.fromarray(demo_array(*item.demo)).save(buf, format="PNG")
+            yield item, buf.getvalue()
+            i += 1
+            continue
         if item.member is None:
             try:
                 data = item.path.read_bytes()
@@ -683,6 +702,12 @@ def _build_extractor(cfg_eval, device: torch.device) -> InceptionFeatures:
     return registry.get("feature_extractors", cfg_eval.feature_extractor)(cfg_eval, device)
 
 
+def _is_feature_file(src: str | Path | ImageSet) -> bool:
+    if isinstance(src, ImageSet):
+        return not src.is_images
+    return Path(str(src)).suffix.lower() in (".npy", ".npz", ".safetensors") and Path(str(src)).is_file()
+
+
 def evaluate_metrics(metrics: Sequence[str], samples: str | Path | ImageSet, reference: str | Path | ImageSet, *,
                      cfg_eval, device: torch.device | str = "cpu", progress: ProgressFn | None = None,
                      seed: int = 0, cache_dir: str | Path | None = None,
@@ -698,6 +723,9 @@ def evaluate_metrics(metrics: Sequence[str], samples: str | Path | ImageSet, ref
     bad = [m for m in metrics if m not in SET_METRICS]
     if bad or not metrics:
         raise UserError(f"unknown set metric(s) {bad or metrics}; valid: {', '.join(SET_METRICS)}")
+    # Build the extractor first, so that missing weights fail before any set is read.
+    if extractor is None and not all(_is_feature_file(src) for src in (samples, reference)):
+        extractor = _build_extractor(cfg_eval, device)
     sets = {role: src if isinstance(src, ImageSet) else open_set(src, role=role, progress=progress)
             for role, src in (("samples", samples), ("reference", reference))}
     if sets["samples"].kind == "stats":
@@ -705,8 +733,6 @@ def evaluate_metrics(metrics: Sequence[str], samples: str | Path | ImageSet, ref
     if sets["reference"].kind == "stats" and {"kid", "prdc"} & set(metrics):
         raise UserError(f"reference {sets['reference'].source} holds only mu/sigma: it serves FID alone; "
                         "pass images or a features file for kid/prdc")
-    if extractor is None and any(s.is_images for s in sets.values()):
-        extractor = _build_extractor(cfg_eval, device)
     feats = {role: extract_features(s, extractor, batch_size=cfg_eval.batch_size, cache_dir=cache_dir, role=role,
                                     progress=progress) for role, s in sets.items()}
     dims = {f.info["dim"] for f in feats.values()}
@@ -851,3 +877,58 @@ def evaluate_reconstruction(vqgan: torch.nn.Module, batches, *, device: torch.de
 def replace_eval(cfg_eval, **changes):
     """An `EvalConfig` with some fields changed (those given as not None)."""
     return dataclasses.replace(cfg_eval, **{k: v for k, v in changes.items() if v is not None})
+
+
+def evaluate_vqgan(checkpoint: str | Path, data: str, *, split: str = "val", batch_size: int = 32,
+                   max_images: int | None = None, lpips_net: str | None = "vgg", cfg_eval=None,
+                   device: torch.device | str = "cpu", grid_path: str | Path | None = None, weights: str = "default",
+                   progress: ProgressFn | None = None) -> dict[str, Any]:
+    """`uvq eval recon`: the VQGAN checkpoint's reconstruction metrics on a split of `data`.
+
+    The split is the training run's own (its data.val_fraction, by key), images prepared at the
+    VQGAN's size as in training. `lpips_net=None` skips LPIPS; `cfg_eval=None` skips rFID.
+    """
+    from uvq.checkpoint import load_model
+    from uvq.config import DataConfig, section_from_dict
+    from uvq.data import iterate_images
+
+    progress = progress or null_progress
+    device = torch.device(device)
+    vqgan, meta = load_model(checkpoint, "vqgan", weights=weights, device=device)
+    run_data = (meta.get("config") or {}).get("data")
+    data_cfg = section_from_dict(DataConfig, run_data, "data") if run_data else DataConfig()
+    data_cfg = dataclasses.replace(data_cfg, source=data, max_images=max_images, hflip=False)
+    lpips_model = None
+    if lpips_net is not None:
+        from uvq.losses import load_lpips
+
+        lpips_model = load_lpips(lpips_net).to(device)
+    extractor = _build_extractor(cfg_eval, device) if cfg_eval is not None else None
+    img_size = int(meta["model_config"]["img_size"])
+    stream = iterate_images(data_cfg, img_size, split=split, batch_size=batch_size, progress=progress)
+    results = evaluate_reconstruction(vqgan, (b["image"] for b in stream), device=device, lpips_model=lpips_model,
+                                      extractor=extractor, grid_path=grid_path, progress=progress, total=stream.total)
+    warnings = []
+    if stream.stats.skipped:
+        warnings.append(f"data: {stream.stats.skipped} unreadable image(s) skipped, e.g. {'; '.join(stream.stats.examples[:2])}")
+    if lpips_model is None:
+        warnings.append("LPIPS skipped (--no-lpips)")
+    if extractor is None:
+        warnings.append("reconstruction FID skipped (--no-fid)")
+    for w in warnings:
+        progress({"event": "warn", "message": w})
+    return {
+        REPORT_MARKER: "eval",
+        "metrics": ["recon"],
+        "results": results,
+        "checkpoint": {"path": meta["path"], "weights_sha256": meta.get("weights_sha256"), "step": meta.get("step"),
+                       "uvq_version": meta.get("uvq_version")},
+        "data": {"source": data, "split": split, "val_fraction": data_cfg.val_fraction, "img_size": img_size,
+                 "stats": stream.stats.to_dict()},
+        "lpips": {"net": lpips_net, "version": "0.1"} if lpips_net else None,
+        "extractor": extractor.describe() if extractor is not None else None,
+        "device": str(device),
+        "uvq_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "warnings": warnings,
+    }

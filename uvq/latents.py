@@ -361,7 +361,7 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
 
     # Rank 0 claims the directory (refusing foreign contents without --overwrite), then all ranks start.
     if info.is_main:
-        prepare_out_dir(root, overwrite=overwrite, resume=True, what="latents")
+        prepare_out_dir(root, overwrite=overwrite, resume=not overwrite, what="latents")
         (root / MANIFEST).unlink(missing_ok=True)  # a manifest exists only for a finished encode
         _check_encode_state(root, state)
     barrier()

@@ -73,7 +73,7 @@ def load_lpips(net: str = "vgg", check_hash: bool = False) -> nn.Module:
     download it when it is absent. We read that file ourselves with weights_only=True, fail with
     one clear line when it is missing or wrong, and copy the trunk's `features.*` tensors into
     LPIPS's slices; LPIPS's own linear layers ship inside the lpips package. `check_hash`
-    verifies the file against the sha256 prefix in its name (about 2 s for VGG16's 528 MB).
+    verifies the file against the sha256 prefix in its name (one full read of the file).
     """
     import lpips
 

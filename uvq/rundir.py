@@ -162,6 +162,19 @@ class RunDir:
         last = self.checkpoints_dir / "last"
         return last.resolve() if (last / "meta.json").is_file() else None
 
+    def resume_point(self, dist: DistInfo = DistInfo()) -> Path | None:
+        """The checkpoint to resume from, as rank 0 sees it, on every rank (absolute path or None).
+
+        Rank 0 decides and broadcasts, so that all ranks load the same step even if `last`
+        moves or a rank's view of the file system lags.
+        """
+        box = [str(self.last_checkpoint()) if dist.is_main and self.last_checkpoint() else None]
+        if dist.enabled:
+            import torch.distributed
+
+            torch.distributed.broadcast_object_list(box, src=0)
+        return Path(box[0]) if box[0] else None
+
     def read_metrics(self) -> list[dict[str, Any]]:
         f = self.path / "metrics.jsonl"
         if not f.is_file():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,10 @@ from uvq.runtime import (
 from uvq.vqgan import build_vqgan
 
 TASK = "fit-vqgan"
-LOSS_KEYS = ("loss", "l1", "lpips", "rec", "codebook", "g_loss", "lambda", "d_loss", "logits_real", "logits_fake")
+# Logged means, each over the steps of its window that computed it (its counter).
+LOSS_KEYS = {"loss": "n", "l1": "n", "lpips": "n_lpips", "rec": "n", "codebook": "n", "lambda": "n",
+             "g_loss": "n_g", "d_loss": "n_d", "logits_real": "n_d", "logits_fake": "n_d"}
+COUNTERS = ("n", "n_lpips", "n_g", "n_d")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,13 +91,7 @@ def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", r
     the networks and losses (LPIPS weights included), the data source. Raises UserError."""
     dev = resolve_device(device)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"run path {out} exists and is not a directory; choose another --out")
-    contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
-    ours = (out / MARKER).exists()
-    if contents and not overwrite and not (resume and ours):
-        hint = "pass --resume to continue it or --overwrite to replace it" if ours else "pass --overwrite to replace its contents"
-        raise UserError(f"run directory {out} is not empty; {hint}")
+    _check_out_dir(out, resume=resume, overwrite=overwrite)
     vqgan, disc, _, _, _ = build_parts(cfg)  # LPIPS weights and registry names checked here
     parse_policy(cfg.train.diffaug_policy)
     train_batches(cfg.data, cfg.model.vqgan.img_size, cfg.train.batch_size, seed=cfg.run.seed, rank=0,
@@ -101,7 +99,18 @@ def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", r
     return {"out_dir": str(out), "device": str(dev), "steps": cfg.train.steps,
             "vqgan_params": sum(p.numel() for p in vqgan.parameters()),
             "disc_params": sum(p.numel() for p in disc.parameters()),
-            "resume": bool(resume and ours and (out / "checkpoints" / "last").exists())}
+            "resume": bool(resume and (out / "checkpoints" / "last").exists())}
+
+
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """uvq.files.prepare_out_dir's rules, read-only (every rank may call it; nothing is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run path {out} exists and is not a directory; choose another --out")
+    contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
+    ours = (out / MARKER).exists()
+    if contents and not overwrite and not (resume and ours):
+        hint = "pass --resume to continue it or --overwrite to replace it" if ours else "pass --overwrite to replace its contents"
+        raise UserError(f"run directory {out} is not empty; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +148,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     precision = tc.precision if cuda else "fp32"  # the CPU always trains in fp32 (exact resume)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (as the authors)
+    _check_out_dir(Path(out_dir), resume=resume, overwrite=overwrite)  # fail fast, before any building
     seed_everything(rc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
 
     # The networks and losses, built before anything is written (a missing LPIPS file fails here).
@@ -176,9 +186,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
 
     # Window sums for logging (device tensors: no host sync until a log step).
     def empty_window() -> dict[str, torch.Tensor]:
-        w = {k: torch.zeros((), device=dev, dtype=torch.float64) for k in LOSS_KEYS}
-        w["n"] = torch.zeros((), device=dev, dtype=torch.float64)
-        w["n_d"] = torch.zeros((), device=dev, dtype=torch.float64)
+        w = {k: torch.zeros((), device=dev, dtype=torch.float64) for k in (*LOSS_KEYS, *COUNTERS)}
         w["codes"] = torch.zeros(vc.codebook_size, device=dev, dtype=torch.float64)
         return w
 
@@ -186,7 +194,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     step = 0
 
     # Resume: every piece of state, per rank, from the last checkpoint.
-    if resume and (last := run.last_checkpoint()) is not None:
+    if resume and (last := run.resume_point(dist)) is not None:
         state = load_trainer_state(last)
         if len(state["ranks"]) != dist.world_size:
             raise UserError(f"{last} was written by {len(state['ranks'])} processes; resume with the same number "
@@ -225,8 +233,13 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         if dist.enabled:
             import torch.distributed as tdist
 
+            # Each rank's digest of its replicas' parameters: DDP must have kept them identical.
+            mine["replica"] = {"vqgan": _digest(vqgan), "disc": _digest(disc)}
             ranks = [None] * dist.world_size
             tdist.all_gather_object(ranks, mine)
+            if any(r["replica"] != ranks[0]["replica"] for r in ranks):
+                progress({"event": "warn", "message": f"step {step}: the ranks' weights differ (DDP desynchronised); "
+                                                      "the checkpoint holds rank 0's"})
         return {"step": step, "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
                 "disc": {k: v.detach().cpu() for k, v in disc.state_dict().items()},
                 "ema": ema.state_dict(weights=False) if ema is not None else None,
@@ -327,12 +340,14 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
             window["l1"] += parts["l1"].double()
             if "perceptual" in parts:
                 window["lpips"] += parts["perceptual"].double()
+                window["n_lpips"] += 1
             window["rec"] += rec.detach().double()
             window["codebook"] += cb.detach().double()
             window["lambda"] += lam.detach().double()
             window["n"] += 1
             if g_loss is not None:
                 window["g_loss"] += g_loss.detach().double()
+                window["n_g"] += 1
             if train_d:
                 window["d_loss"] += d_loss.detach().double()
                 window["logits_real"] += logits_real.detach().float().mean().double()
@@ -390,18 +405,14 @@ def _reduce_window(window: dict[str, torch.Tensor], dist: DistInfo) -> dict[str,
     if dist.enabled:
         import torch.distributed as tdist
 
-        packed = torch.cat([torch.stack([window[k] for k in (*LOSS_KEYS, "n", "n_d")]), window["codes"]])
+        names = (*LOSS_KEYS, *COUNTERS)
+        packed = torch.cat([torch.stack([window[k] for k in names]), window["codes"]])
         tdist.all_reduce(packed)
-        n_keys = len(LOSS_KEYS) + 2
-        window = dict(zip((*LOSS_KEYS, "n", "n_d"), packed[:n_keys], strict=True)) | {"codes": packed[n_keys:]}
-    n, n_d = max(float(window["n"]), 1.0), float(window["n_d"])
+        window = dict(zip(names, packed[:len(names)], strict=True)) | {"codes": packed[len(names):]}
     out: dict[str, Any] = {}
-    for k in LOSS_KEYS:
-        if k in ("d_loss", "logits_real", "logits_fake"):
-            if n_d > 0:
-                out[k] = float(window[k]) / n_d
-        else:
-            out[k] = float(window[k]) / n
+    for k, counter in LOSS_KEYS.items():
+        if float(window[counter]) > 0:
+            out[k] = float(window[k]) / float(window[counter])
     counts = window["codes"]
     total = float(counts.sum())
     if total > 0:
@@ -409,6 +420,15 @@ def _reduce_window(window: dict[str, torch.Tensor], dist: DistInfo) -> dict[str,
         out["usage"] = float((counts > 0).double().mean())
         out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
     return out
+
+
+def _digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters (not buffers: BatchNorm running statistics are per rank on CPU)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _bad_images(batches: Any, dist: DistInfo) -> int:

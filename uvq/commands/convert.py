@@ -21,7 +21,7 @@ from uvq.commands.common import (
 ImgSizeOpt = typer.Option(None, "--img-size", help="Image size the VQGAN was trained at (names its attention "
                                                    "levels; default: from the prior or preset, else 256).")
 WithDiscOpt = typer.Option(False, "--with-disc", help="Also keep the discriminator (discriminator.safetensors).")
-VerifySizeOpt = typer.Option(None, "--verify-size", help="Image size of the verification pass (default: --img-size).")
+VerifySizeOpt = typer.Option(None, "--verify-size", help="Image size of the verification pass (default: the image size, at most 128).")
 
 
 def _human(summary: dict[str, Any]) -> str:

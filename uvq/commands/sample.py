@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from uvq.commands.common import DebugOpt, DeviceOpt, JsonOpt, OverwriteOpt, apply_local, emit, reporter
+from uvq.commands.common import (
+    DebugOpt,
+    DeviceOpt,
+    JsonOpt,
+    OverwriteOpt,
+    apply_local,
+    emit,
+    reporter,
+)
 
 
 def register(app: typer.Typer) -> None:
