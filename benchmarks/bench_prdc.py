@@ -100,8 +100,11 @@ def _child_extract(spec: dict) -> dict:
 def run_child(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
-        return {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        row = {**spec, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    else:
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps({"row": row}), file=sys.stderr, flush=True)  # each figure as soon as it exists
+    return row
 
 
 def main() -> None:
@@ -123,11 +126,11 @@ def main() -> None:
     for n in args.sizes:
         rows.append(run_child({"what": "prdc", "n": n, "k": args.k, "device": "cpu"}))
         rows.append(run_child({"what": "uvq", "n": n, "k": args.k, "device": args.device}))
-    if args.large:
-        rows.append(run_child({"what": "uvq", "n": args.large, "k": args.k, "device": args.device}))
     if not args.skip_extract:
         rows.append(run_child({"what": "extract", "device": args.device, "batch": args.extract_batch,
                                "batches": args.extract_batches}))
+    if args.large:
+        rows.append(run_child({"what": "uvq", "n": args.large, "k": args.k, "device": args.device}))
 
     print(f"{'what':8} {'N':>7} {'device':7} {'seconds':>9} {'peak RSS MB':>12} {'features MB':>12}  metrics")
     for r in rows:

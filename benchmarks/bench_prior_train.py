@@ -214,10 +214,10 @@ def main() -> None:
           f"{'step ms':>9} {'peak MiB':>9} {'vs ref':>7}")
     for r in rows:
         ref = by_key.get((r["size"], "reference", r["precision"])) or by_key.get((r["size"], "reference", "fp32"))
-        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref and r["impl"] == "uvq" else float("nan")
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref and r["impl"] == "uvq" else "-"
         print(f"{r['size']:6} {r['impl']:10} {r['precision']:5} {r['batch']:>5} {r['params_m']:>7.1f}M "
               f"{r['tokens_per_s']:>11,.0f} {r['tflops']:>8.3f} {r['step_ms']:>9.1f} {r['peak_mib']:>9.0f} "
-              f"{ratio:>6.2f}x")
+              f"{ratio:>7}")
     if args.device.startswith("cuda"):
         ours = by_key.get(("paper", "uvq", "bf16"))
         if ours:

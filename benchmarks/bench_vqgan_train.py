@@ -77,15 +77,25 @@ def measure(size: str, batch: int, precision: str, steps: int, warmup: int, devi
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    # CPU seconds per step (all threads of this process): on a shared machine the wall clock says
+    # how busy the machine was, the CPU time what a step costs.
+    marks: list[float] = []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "advance":
+            marks.append(time.process_time())
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        summary = fit_vqgan(cfg, Path(tmp) / "run", device=device)
+        summary = fit_vqgan(cfg, Path(tmp) / "run", device=device, progress=on_event)
         wall = time.time() - t0
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["images_per_s"] for r in records[warmup:]] or [records[-1]["images_per_s"]]
     ips = statistics.median(speeds)
+    cpu = [b - a for a, b in zip(marks[warmup:], marks[warmup + 1:], strict=False)]
     row = {"size": size, "batch": batch, "precision": summary["precision"], "images_per_s": ips,
            "ms_per_step": 1000.0 * batch / ips, "steps_timed": len(speeds), "wall_s": wall,
+           "cpu_s_per_step": statistics.median(cpu) if cpu and not cuda else None,
            "device": summary["device"], "channels_last": channels_last and cuda,
            "final_loss": summary["final"].get("loss")}
     if cuda:
@@ -142,6 +152,8 @@ def main() -> None:
                 extra = f"  x{row['ratio_to_anchor']:.2f} vs {row['anchor']}"
             if "peak_mem_gib" in row:
                 extra += f"  peak {row['peak_mem_gib']:.1f} GiB"
+            if row["cpu_s_per_step"] is not None:
+                extra += f"  {row['cpu_s_per_step']:.2f} CPU-s/step"
             print(f"{size:>5} batch {batch:>3} {row['precision']:>4}: {row['images_per_s']:8.2f} img/s "
                   f"{row['ms_per_step']:9.1f} ms/step ({row['steps_timed']} steps){extra}", flush=True)
     if tmp_home is not None:

@@ -429,3 +429,32 @@ def test_eval_config_replace():
     cfg = replace_eval(EvalConfig(), k=3, batch_size=None)
     assert cfg.k == 3 and cfg.batch_size == EvalConfig().batch_size
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_cli_recon(tmp_path, capsys):
+    """`uvq eval recon` on a checkpoint directory: the run's own split, report and grid beside it."""
+    from uvq.checkpoint import write_checkpoint_dir
+    from uvq.config import Config
+    from uvq.vqgan import build_vqgan
+
+    torch.manual_seed(0)
+    vcfg = VQGANConfig(img_size=16, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8, codebook_size=32)
+    config = Config()
+    config.data.val_fraction = 0.5
+    run = tmp_path / "run"
+    write_checkpoint_dir(run / "checkpoints" / "step-00000001", kind="vqgan", model_config=dataclasses.asdict(vcfg),
+                         weights={"model": build_vqgan(vcfg)}, step=1, config=config.to_dict())
+    for i, a in enumerate(random_images(12, 20, 16, seed=13)):
+        write_png(tmp_path / "data" / f"{i:02d}.png", a)
+    code, stdout, err = cli(capsys, "eval", "recon", "--vqgan", str(run / "checkpoints" / "step-00000001"),
+                            "--data", str(tmp_path / "data"), "--no-lpips", "--no-fid", "--batch-size", "4", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    from uvq.data import in_split
+
+    n_val = sum(in_split(f"{i:02d}", "val", 0.5) for i in range(12))  # folder keys drop the extension
+    assert report["results"]["n_images"] == n_val > 0 and report["data"]["val_fraction"] == 0.5
+    assert report["results"]["lpips"] is None and report["results"]["rfid"] is None
+    assert 0 < report["results"]["codes_used"] <= 32 and report["results"]["perplexity"] >= 1
+    assert (run / "eval-recon-val.json").is_file() and (run / "recon-val.png").is_file()
+    assert "LPIPS skipped" in err and "LPIPS skipped (--no-lpips)" in report["warnings"]

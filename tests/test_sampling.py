@@ -15,8 +15,18 @@ from uvq.config import SampleConfig
 from uvq.prior import AbsorbingTransformer
 from uvq.registry import registry
 from uvq.runtime import UserError
-from uvq.sampling import (DEFAULT_SAMPLER, SampleRNG, absorbing_chain, categorical, iter_samples,
-                          make_filter, run_chain, sample_tokens, top_k_filter, top_p_filter)
+from uvq.sampling import (
+    DEFAULT_SAMPLER,
+    SampleRNG,
+    absorbing_chain,
+    categorical,
+    iter_samples,
+    make_filter,
+    run_chain,
+    sample_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 
 K, N = 16, 16
 
@@ -474,3 +484,27 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = _uvq_in_process(["sample", "--steps", "4", "--device", "cpu"], capsys)
     assert code == 2 and "no prior checkpoint given" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark's literal reference is the same network and the same process
+# ---------------------------------------------------------------------------------------------
+
+
+def test_benchmark_reference_network_matches_the_prior(prior):
+    from uvq.commands.bench import reference_from
+
+    ref = reference_from(prior, n_head=2).eval()
+    x = torch.randint(0, K + 1, (3, N))
+    with torch.no_grad():
+        assert torch.allclose(ref(x), prior(x), atol=1e-5)
+
+
+def test_benchmark_runs_and_reports_ratios():
+    from uvq.commands.bench import bench_sampling, format_table
+
+    result = bench_sampling(device="cpu", sizes=["demo"], steps=[4], batch=2, ref_steps=2)
+    (row,) = result["rows"]
+    assert row["steps"] == 4 and row["batch"] == 2 and 0 < row["passes_per_image"] <= 4
+    assert row["tokens_images_per_s"] > 0 and row["ratio"] > 0 and row["reference"]["fp32"]["steps_timed"] == 2
+    assert "demo" in format_table(result)

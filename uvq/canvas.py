@@ -179,7 +179,7 @@ class WindowMixture:
     The windows of all B canvases are gathered into one batch of windows and sent through the
     network in chunks of at most `max_batch` windows (the authors' code runs one pass per window).
     Each window's softmax is scatter-added onto its canvas positions with a count, and the
-    mixture is the sum over the count.
+    mixture is the sum divided by the count.
 
     Only windows that contain a masked position are evaluated. This is exact: every window that
     contains a masked position is kept, so the mixture at masked positions (the only positions the
@@ -189,9 +189,9 @@ class WindowMixture:
     softmax is invariant to that per-position shift, so the distribution is the same, and a canvas
     of the training size (one window) reproduces `uvq sample` bit for bit.
 
-    random_windows=M (`--windows random:M`): each canvas draws M of the windows per call, then adds
-    windows from the tiling (stride = window size, edges included) until every masked position is
-    covered. The draw is keyed by (seed, a hash of the canvas's tokens), so like the chain's own
+    random_windows=M (`--windows random:M`): each canvas draws M of the windows that hold a mask
+    per call (all of them when fewer), then adds windows from the tiling (stride = window size,
+    edges included) until every masked position is covered. The draw is keyed by (seed, a hash of the canvas's tokens), so like the chain's own
     draws it does not depend on which other canvases share the batch.
     """
 
@@ -241,6 +241,7 @@ class WindowMixture:
         else:
             # a seed of its own (xor a constant) keeps these draws apart from the chain's
             u = SampleRNG(self.seed ^ 0x2545F491, _row_keys(x), x.device).rand(m_all)  # [B, M]
+            u = u.masked_fill(~win_masked, 2.0)  # draw among the windows that hold a mask
             chosen.scatter_(1, u.topk(self.random_windows, dim=1, largest=False).indices, True)
         chosen &= win_masked
         rows, wins = chosen.nonzero(as_tuple=True)

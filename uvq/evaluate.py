@@ -561,7 +561,8 @@ class _Blocks:
 
     def __init__(self, x: torch.Tensor, mean: torch.Tensor, device: torch.device) -> None:
         self.exact = x  # [N, D] original values (float32 or float64), on the device
-        self.fast = (x.double() - mean).float()  # [N, D]
+        # a float32 mean shifts both sets alike, so distances keep only the subtraction's rounding
+        self.fast = x.float() - mean.float()  # [N, D]
         self.sq = self.fast.pow(2).sum(1)  # [N]
 
     def __len__(self) -> int:
@@ -613,7 +614,8 @@ def _kth_radii(x: _Blocks, k: int, chunk: int, tol_rel: float, progress: Progres
         todo = torch.arange(rows.stop - rows.start, device=d.device)
         m = min(n, k + 9)
         while todo.numel():
-            vals, cand = d[todo].topk(m, dim=1, largest=False)  # [t, m], ascending
+            rows_left = d if todo.numel() == d.shape[0] else d[todo]  # no copy on the first round
+            vals, cand = rows_left.topk(m, dim=1, largest=False)  # [t, m], ascending
             # Every float32 value is within t of its exact value, so the exact (k+1)-th smallest
             # lies within t of the float32 one, v. Candidates below v - 2t are surely nearer,
             # those above v + 2t surely farther; only the window between needs exact distances.

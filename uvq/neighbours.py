@@ -224,15 +224,17 @@ def _fast(samples, reference, lp, *, k, prefilter, batch_size, pixel_size, group
     position = {c: p for p, c in enumerate(cand)}
     progress({"event": "start", "task": "neighbours rerank", "total": len(cand), "unit": "img"})
     full = torch.full((s, len(cand)), float("inf"))
-    for g in range(0, s, group):
-        rows = slice(g, min(g + group, s))
-        fs = lp.embed(samples[rows])
-        for c0 in range(0, len(cand), batch_size):
-            chunk = cand[c0:c0 + batch_size]
-            _, images, _ = _load_all(reference, size, chunk)
-            full[rows, c0:c0 + len(chunk)] = lp.distance(fs, lp.embed(images)).cpu()
-            if g == 0:
-                progress({"event": "advance", "task": "neighbours rerank", "n": len(chunk), "metrics": {}})
+    held = lp.embed(samples) if group >= s else None  # sample features, when they fit
+    block = max(batch_size, 256)  # candidates decoded per read of the reference
+    for c0 in range(0, len(cand), block):
+        _, images, _ = _load_all(reference, size, cand[c0:c0 + block])
+        for b0 in range(0, images.shape[0], batch_size):
+            fr = lp.embed(images[b0:b0 + batch_size])
+            cols = slice(c0 + b0, c0 + b0 + fr[0].shape[0])
+            for g in range(0, s, group):
+                fs = held if held is not None else lp.embed(samples[g:g + group])
+                full[g:g + group, cols] = lp.distance(fs, fr).cpu()
+            progress({"event": "advance", "task": "neighbours rerank", "n": fr[0].shape[0], "metrics": {}})
     progress({"event": "end", "task": "neighbours rerank"})
     cols = torch.tensor([[position[c] for c in row] for row in best_i.tolist()])  # [S, m]
     own = full.gather(1, cols)  # each sample ranks its own candidates only
@@ -240,7 +242,8 @@ def _fast(samples, reference, lp, *, k, prefilter, batch_size, pixel_size, group
     own, cand_i = own.gather(1, order), best_i.gather(1, order)
     top = torch.sort(own, dim=1, stable=True).indices[:, :k]
     dist, index = own.gather(1, top), cand_i.gather(1, top)
-    return {"distances": dist, "indices": index, "unreadable": list(bad), "groups": 1, "candidates": len(cand)}
+    return {"distances": dist, "indices": index, "unreadable": list(bad), "groups": -(-s // group),
+            "candidates": len(cand)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +297,8 @@ def neighbours(samples: str | Path, reference: str | Path, out_dir: str | Path, 
         warnings.append(f"reference: {len(found['unreadable'])} unreadable file(s) skipped, "
                         f"e.g. {', '.join(found['unreadable'][:3])}")
     if found.get("groups", 1) > 1:
-        warnings.append(f"sample features did not fit in memory together: the reference was read {found['groups']} times")
+        warnings.append(f"sample features did not fit in memory together: samples were taken in {found['groups']} groups"
+                        + (", each reading the whole reference" if mode == "exact" else ""))
     for w in warnings:
         progress({"event": "warn", "message": w})
 

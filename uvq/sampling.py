@@ -281,8 +281,8 @@ def run_chain(x: torch.Tensor, predict: Predict, *, sampler: str | Callable | No
         fn = registry.get("samplers", sampler) if isinstance(sampler, str) else sampler
     last = None
     n_steps = 0
-    for last in fn(x, predict, **kwargs):
-        n_steps += 1
+    for step in fn(x, predict, **kwargs):
+        last, n_steps = step, n_steps + 1
     if last is None:
         return x.clone(), {"network_passes": 0, "predict_calls": 0, "steps": 0}
     return last.x, {"network_passes": last.network_passes, "predict_calls": last.predict_calls, "steps": n_steps}

@@ -174,6 +174,13 @@ def bench_sampling(*, device: str = "auto", quick: bool = False, sizes: list[str
         prior = registry.get("priors", pc.name)(pc).to(dev).eval()
         ref = reference_from(prior, pc.n_head).to(dev).eval()
         vqgan = build_vqgan(vc).to(dev).eval()
+        # Warm-up: kernel selection, allocator pools and lazy initialisation stay out of the timings.
+        with torch.inference_mode():
+            probe = torch.full((b, n_tokens), pc.codebook_size, dtype=torch.long, device=dev)
+            prior(probe)
+            ref(probe)
+            vqgan.decode_codes(torch.zeros((b, *pc.latent_shape), dtype=torch.long, device=dev))
+            _sync(dev)
         for s in size_steps:
             s = min(s, n_tokens)
             progress({"event": "log", "message": f"bench: {size} prior, {s} steps, batch {b} on {dev}"})

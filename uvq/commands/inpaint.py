@@ -21,7 +21,7 @@ from uvq.commands.common import (
 def register(app: typer.Typer) -> None:
     @app.command("inpaint")
     def inpaint_cmd(
-        inputs: Path = typer.Argument(..., help="An image, or a folder of images (with --masks DIR or --box)."),
+        inputs: Path = typer.Argument(..., metavar="IMAGE|FOLDER", help="An image, or a folder of images (with --masks DIR or --box)."),
         mask: Path = typer.Option(None, "--mask", help="Mask PNG the size of the image; white = regenerate."),
         masks: Path = typer.Option(None, "--masks", help="Folder of masks for a folder of images: <stem>.png."),
         box: list[str] = typer.Option(None, "--box", help="Region x0,y0,x1,y1 in the image's pixels (x1, y1 "
