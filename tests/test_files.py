@@ -64,3 +64,16 @@ def test_out_dir_rules(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         prepare_out_dir(tmp_path / "file")
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    atomic_write_json(tmp_path / "x.json", {})
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("1")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

@@ -1,7 +1,7 @@
 """Progress events leave library code through a callback; the CLI renders them.
 
 Events are plain dicts:
-    {"event": "start", "task": str, "total": int | None, "unit": str}
+    {"event": "start", "task": str, "total": int | None, "unit": str, "completed": int (optional)}
     {"event": "advance", "task": str, "n": int, "metrics": dict}
     {"event": "end", "task": str, "metrics": dict}
     {"event": "log" | "warn", "message": str}
@@ -74,7 +74,8 @@ class Reporter:
 
     def _start(self, event: dict[str, Any]) -> None:
         task = event["task"]
-        self._state[task] = {"t0": time.time(), "done": 0, "total": event.get("total"),
+        completed = int(event.get("completed", 0))  # a resumed run starts part-way; its rate counts new work only
+        self._state[task] = {"t0": time.time(), "done": completed, "base": completed, "total": event.get("total"),
                              "unit": event.get("unit", "it"), "last": 0.0}
         if self.mode == "rich":
             if self._progress is None:
@@ -88,17 +89,19 @@ class Reporter:
                     TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
                     console=Console(stderr=True), transient=False)
                 self._progress.start()
-            self._tasks[task] = self._progress.add_task(task, total=event.get("total"), rate="", metrics="")
+            self._tasks[task] = self._progress.add_task(task, total=event.get("total"), completed=completed,
+                                                        rate="", metrics="")
         else:
             total = event.get("total")
             self._print(f"{task}: start" + (f" ({total} {self._state[task]['unit']})" if total else ""))
 
     def _advance(self, event: dict[str, Any]) -> None:
         task = event["task"]
-        st = self._state.setdefault(task, {"t0": time.time(), "done": 0, "total": None, "unit": "it", "last": 0.0})
+        st = self._state.setdefault(task, {"t0": time.time(), "done": 0, "base": 0, "total": None, "unit": "it",
+                                           "last": 0.0})
         st["done"] += int(event.get("n", 1))
         elapsed = max(time.time() - st["t0"], 1e-9)
-        rate = f"{st['done'] / elapsed:.2f} {st['unit']}/s"
+        rate = f"{(st['done'] - st['base']) / elapsed:.2f} {st['unit']}/s"
         metrics = _fmt(event.get("metrics") or {})
         if self.mode == "rich" and task in self._tasks:
             self._progress.update(self._tasks[task], advance=int(event.get("n", 1)), rate=rate, metrics=metrics)

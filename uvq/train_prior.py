@@ -326,9 +326,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
 
     # The loop.
     target = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
-    progress({"event": "start", "task": "fit-prior", "total": tc.steps, "unit": "step"})
-    if step:
-        progress({"event": "advance", "task": "fit-prior", "n": step, "metrics": {}})
+    progress({"event": "start", "task": "fit-prior", "total": tc.steps, "unit": "step", "completed": step})
     model.train()
     batches = iter(stream)
     window = {"loss": 0.0, "elbo": 0.0, "n": 0, "t0": time.time()}

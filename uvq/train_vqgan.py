@@ -274,9 +274,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     # ------------------------------------------------------------------------------------------
     target = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
     images_per_step = tc.batch_size * dist.world_size
-    progress({"event": "start", "task": TASK, "total": tc.steps, "unit": "step"})
-    if step:
-        progress({"event": "advance", "task": TASK, "n": step, "metrics": {}})
+    progress({"event": "start", "task": TASK, "total": tc.steps, "unit": "step", "completed": step})
     logged: dict[str, Any] = {}
     last_ckpt: Path | None = None
     last_grid: Path | None = None

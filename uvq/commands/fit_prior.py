@@ -66,10 +66,10 @@ def register(app: typer.Typer) -> None:
             shutdown_distributed()
         if summary.get("rank", 0) != 0:
             return
-        best = summary["best"]
+        best, last = summary["best"], summary["last_val_bits_per_token"]
         human = (f"trained {summary['steps']} steps in {summary['out_dir']}\n"
-                 f"validation ELBO: {summary['last_val_bits_per_token']:.4f} bits/token "
-                 f"(untrained ~ log2 K = {summary['log2_codebook']:.2f}); best {best['val_bits_per_token']:.4f} "
+                 + (f"validation ELBO: {last:.4f} bits/token " if last is not None else "validation ELBO: not run ")
+                 + f"(untrained ~ log2 K = {summary['log2_codebook']:.2f}); best {best['val_bits_per_token']:.4f} "
                  f"at step {best['step']}\n"
                  f"checkpoint: {summary['last_checkpoint']}")
         emit(summary, human=human)
