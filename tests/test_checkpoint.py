@@ -8,8 +8,16 @@ import os
 import pytest
 import torch
 
-from uvq.checkpoint import (load_state_dict, load_trainer_state, mark_best, read_meta, resolve_checkpoint,
-                            save_checkpoint, weights_file, write_checkpoint_dir)
+from uvq.checkpoint import (
+    load_state_dict,
+    load_trainer_state,
+    mark_best,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+    weights_file,
+    write_checkpoint_dir,
+)
 from uvq.runtime import UserError, rng_state, set_rng_state
 
 

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from uvq.config import (Config, ConfigError, PriorConfig, VQGANConfig, config_from_dict, load_config,
-                        section_from_dict, to_yaml)
+from uvq.config import (
+    Config,
+    ConfigError,
+    PriorConfig,
+    VQGANConfig,
+    config_from_dict,
+    load_config,
+    section_from_dict,
+    to_yaml,
+)
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uvq import convert
+from uvq import convert, reference
 from uvq.checkpoint import build_model, load_model, load_state_dict, read_meta
 from uvq.config import VQGANConfig, load_config
 from uvq.files import sha256_file
@@ -109,15 +109,15 @@ def test_functional_references_reproduce_the_fixtures():
     _need_fixtures()
     vq, io = _load(OFFICIAL / "vqgan_ema_small.th"), _load(OFFICIAL / "vqgan_io_small.pt")
     book = vq["ae.quantize.embedding.weight"]
-    z = convert.official_encode(vq, io["images"])
-    assert torch.equal(convert._ref_nearest(z, book), io["codes"])
-    assert _rel(convert.official_decode(vq, book[io["codes"]].permute(0, 3, 1, 2)), io["decoded_from_codes"]) <= REL
+    z = reference.official_encode(vq, io["images"])
+    assert torch.equal(reference.nearest_codes(z, book), io["codes"])
+    assert _rel(reference.official_decode(vq, book[io["codes"]].permute(0, 3, 1, 2)), io["decoded_from_codes"]) <= REL
     pr, pio = _load(OFFICIAL / "absorbing_ema_small.th"), _load(OFFICIAL / "absorbing_io_small.pt")
-    assert _rel(convert.official_transformer(pr, pio["x_t"], 4), pio["logits"]) <= REL
+    assert _rel(reference.official_transformer(pr, pio["x_t"], 4), pio["logits"]) <= REL
     tm, tio = _load(TAMING / "taming_vqgan_small.ckpt")["state_dict"], _load(TAMING / "taming_io_small.pt")
     tbook = tm["quantize.embedding.weight"]
-    assert torch.equal(convert._ref_nearest(convert.taming_encode(tm, tio["images"]), tbook), tio["codes"])
-    assert _rel(convert.taming_decode(tm, tbook[tio["codes"]].permute(0, 3, 1, 2)), tio["decoded_from_codes"]) <= REL
+    assert torch.equal(reference.nearest_codes(reference.taming_encode(tm, tio["images"]), tbook), tio["codes"])
+    assert _rel(reference.taming_decode(tm, tbook[tio["codes"]].permute(0, 3, 1, 2)), tio["decoded_from_codes"]) <= REL
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,15 @@ import hashlib
 
 import pytest
 
-from uvq.files import (MARKER, atomic_dir, atomic_path, atomic_write_json, prepare_out_dir, replace_symlink,
-                       sha256_file)
+from uvq.files import (
+    MARKER,
+    atomic_dir,
+    atomic_path,
+    atomic_write_json,
+    prepare_out_dir,
+    replace_symlink,
+    sha256_file,
+)
 from uvq.runtime import UserError
 
 

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from uvq.config import PriorConfig, load_config
+from uvq.convert import infer_official_prior, map_official_prior
 from uvq.prior import (
     PRESETS,
     AbsorbingTransformer,
     build_absorbing_transformer,
-    config_from_official_state_dict,
     flops_per_token,
     preset,
-    state_dict_from_official,
 )
 from uvq.registry import registry
 from uvq.runtime import UserError
@@ -80,10 +79,12 @@ def test_attention_is_bidirectional():
 def test_official_fixture_logits_are_reproduced(fixtures_dir):
     official = torch.load(fixtures_dir / "official" / "absorbing_ema_small.th", weights_only=True)
     io = torch.load(fixtures_dir / "official" / "absorbing_io_small.pt", weights_only=True)
-    settings = config_from_official_state_dict(official, n_head=4)
-    assert settings == {"codebook_size": 64, "n_tokens": 256, "n_embd": 64, "n_head": 4, "n_layer": 2}
-    model = AbsorbingTransformer(**settings).eval()
-    model.load_state_dict(state_dict_from_official(official), strict=True)
+    settings = infer_official_prior(official, n_head=4)
+    assert settings == {"codebook_size": 64, "latent_shape": [16, 16], "n_embd": 64, "n_head": 4, "n_layer": 2}
+    model = AbsorbingTransformer(codebook_size=64, n_tokens=256, n_embd=64, n_head=4, n_layer=2).eval()
+    mapping = map_official_prior(official, fused_qkv=True)
+    assert not mapping.unexpected
+    model.load_state_dict(mapping.weights, strict=True)
     assert model.mask_id == int(io["mask_id"])
     with torch.no_grad():
         logits = model(io["x_t"])
@@ -91,16 +92,16 @@ def test_official_fixture_logits_are_reproduced(fixtures_dir):
     assert rel < 1e-5, rel
 
 
-def test_official_mapping_rejects_unknown_and_incomplete_keys():
+def test_official_qkv_fuse_in_query_key_value_order():
     good = {"_denoise_fn.blocks.0.attn.query.weight": torch.zeros(2, 2),
             "_denoise_fn.blocks.0.attn.key.weight": torch.ones(2, 2),
             "_denoise_fn.blocks.0.attn.value.weight": 2 * torch.ones(2, 2), "Lt_history": torch.zeros(3)}
-    fused = state_dict_from_official(good)["blocks.0.attn.qkv.weight"]
+    mapping = map_official_prior(good, fused_qkv=True)
+    fused = mapping.weights["blocks.0.attn.qkv.weight"]
     assert fused.shape == (6, 2) and fused[:2].eq(0).all() and fused[2:4].eq(1).all() and fused[4:].eq(2).all()
-    with pytest.raises(UserError, match="unexpected key"):
-        state_dict_from_official({"model.head.weight": torch.zeros(1)})
-    with pytest.raises(UserError, match="lacks attention"):
-        state_dict_from_official({"_denoise_fn.blocks.0.attn.query.weight": torch.zeros(2, 2)})
+    assert map_official_prior({"model.head.weight": torch.zeros(1)}, fused_qkv=True).unexpected == ["model.head.weight"]
+    incomplete = map_official_prior({"_denoise_fn.blocks.0.attn.query.weight": torch.zeros(2, 2)}, fused_qkv=True)
+    assert incomplete.unexpected == ["_denoise_fn.blocks.0.attn.query.weight"]
 
 
 def test_registry_builds_presets_and_refuses_time_conditioning():

@@ -14,12 +14,11 @@ ELBO) lives apart, in `uvq.absorbing`.
 Parameter names follow the authors' released checkpoints (`tok_emb`, `pos_emb`, `blocks.<i>.ln1`,
 `attn.proj`, `mlp.0`, `mlp.2`, `ln_f`, `head`), except that query, key and value are fused into
 one `attn.qkv` Linear whose output rows are ordered [query; key; value] (one matrix product
-instead of three). `state_dict_from_official` performs that one mapping.
+instead of three). `uvq.convert.map_official_prior` performs that one mapping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -138,55 +137,6 @@ def _init_weights(module: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' state-dict layout (method section 8)
-# ---------------------------------------------------------------------------------------------
-
-
-OFFICIAL_PREFIX = "_denoise_fn."
-# Keys of the authors' AbsorbingDiffusion module that are not network weights: the unused
-# autoregressive start token, the loss trackers (see uvq.absorbing) and the codebook copy.
-OFFICIAL_NON_NETWORK = ("_denoise_fn.start_tok", "Lt_history", "Lt_count", "loss_history", "embedding_weight")
-
-
-def state_dict_from_official(official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an authors' prior state dict (`_denoise_fn.*`) onto `AbsorbingTransformer`'s names.
-
-    Every name maps one to one after dropping the `_denoise_fn.` prefix, except that
-    `attn.query`, `attn.key` and `attn.value` are concatenated, in that order, into `attn.qkv`.
-    Non-network entries (OFFICIAL_NON_NETWORK) are skipped; anything else unknown is an error.
-    """
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in official.items():
-        if key in OFFICIAL_NON_NETWORK:
-            continue
-        if not key.startswith(OFFICIAL_PREFIX):
-            raise UserError(f"unexpected key {key!r} in an official prior checkpoint; "
-                            f"expected '{OFFICIAL_PREFIX}*' or one of {list(OFFICIAL_NON_NETWORK)}")
-        name = key[len(OFFICIAL_PREFIX):]
-        parts = name.split(".")
-        if len(parts) == 5 and parts[2] == "attn" and parts[3] in ("query", "key", "value"):
-            fused = ".".join(parts[:3] + ["qkv", parts[4]])  # blocks.<i>.attn.qkv.{weight,bias}
-            pending.setdefault(fused, {})[parts[3]] = value
-        else:
-            out[name] = value
-    for fused, parts in pending.items():
-        missing = [p for p in ("query", "key", "value") if p not in parts]
-        if missing:
-            raise UserError(f"official prior checkpoint lacks attention {missing} for {fused}; the file is incomplete")
-        out[fused] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    return out
-
-
-def config_from_official_state_dict(official: Mapping[str, torch.Tensor], n_head: int) -> dict[str, int]:
-    """Read K, N, C and the depth off an authors' state dict (the head count is not in it)."""
-    tok = official[OFFICIAL_PREFIX + "tok_emb.weight"]
-    layers = {int(k.split(".")[2]) for k in official if k.startswith(OFFICIAL_PREFIX + "blocks.")}
-    return {"codebook_size": int(tok.shape[0]) - 1, "n_tokens": int(official[OFFICIAL_PREFIX + "pos_emb"].shape[1]),
-            "n_embd": int(tok.shape[1]), "n_head": n_head, "n_layer": len(layers)}
-
-
-# ---------------------------------------------------------------------------------------------
 # Registry entry and presets
 # ---------------------------------------------------------------------------------------------
 
@@ -239,4 +189,4 @@ def flops_per_token(n_embd: int, n_layer: int, n_tokens: int, codebook_size: int
 
 
 __all__ = ["AbsorbingTransformer", "Block", "SelfAttention", "PRESETS", "preset", "build_absorbing_transformer",
-           "state_dict_from_official", "config_from_official_state_dict", "flops_per_token"]
+           "flops_per_token"]

@@ -80,8 +80,15 @@ class Reporter:
         if self.mode == "rich":
             if self._progress is None:
                 from rich.console import Console
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TaskProgressColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
 
                 self._progress = Progress(
                     TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

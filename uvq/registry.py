@@ -121,11 +121,7 @@ class Registry:
             return
         self._loaded = True
         for module in BUILTIN_MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
+            importlib.import_module(module)
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 obj = ep.load()

@@ -402,7 +402,7 @@ def prior_shape(prior: torch.nn.Module) -> tuple[int, int]:
 
 def make_predict(prior: torch.nn.Module, device: torch.device, precision: str = "bf16", *,
                  compile: bool = False, cuda_graphs: bool = False, batch_size: int | None = None) -> Predict:
-    """Wrap a prior as predict(x[b,N]) -> logits[b,N,K] under autocast (CUDA) and inference mode.
+    """Wrap a prior as predict(x[b,N]) -> logits[b,N,K] under autocast on CUDA (callers add inference mode).
 
     compile: torch.compile the prior. cuda_graphs: compile with mode="reduce-overhead" (CUDA
     graphs). Both pad the row count to a multiple of 16 (at most `batch_size`) so that the
