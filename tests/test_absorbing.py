@@ -15,7 +15,6 @@ from uvq.absorbing import (
     elbo_full_sum,
     elbo_monte_carlo,
     masked_cross_entropy,
-    positions_to_reveal,
     reweighted_elbo_scale,
     start_time_for_masked,
 )
@@ -96,18 +95,12 @@ def test_fixed_masking_masks_exactly_round_t_over_T_times_N():
     assert (mask.float().mean(0) - 0.5).abs().max() < 5 * math.sqrt(0.25 / 4000)
 
 
-def test_start_time_and_reveal_step():
+def test_start_time():
     assert start_time_for_masked(0, 256, 256) == 0
     assert start_time_for_masked(256, 256, 256) == 256
     assert start_time_for_masked(77, 256, 256) == 77
     assert start_time_for_masked(64, 256, 100) == 25
     assert start_time_for_masked(1, 256, 100) == 0
-    x = torch.randint(0, 8, (200, 32), generator=gen(6))
-    x[:, ::2] = 8
-    assert torch.equal(positions_to_reveal(x, 1, 8, gen(7)), x == 8)
-    chosen = positions_to_reveal(x, 4, 8, gen(8))
-    assert not chosen[x != 8].any()
-    assert abs(chosen[x == 8].float().mean().item() - 0.25) < 4 * math.sqrt(0.25 * 0.75 / (200 * 16))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,16 +67,6 @@ def start_time_for_masked(n_masked: int, n_tokens: int, T: int) -> int:
     return max(0, min(T, round(T * n_masked / n_tokens)))
 
 
-def positions_to_reveal(x_t: torch.Tensor, t: int, mask_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One reverse step's choice (method section 3): each still-masked position with probability 1/t.
-
-    x_t: LongTensor[B,N]; returns BoolTensor[B,N]. At t = 1 every masked position is chosen.
-    """
-    if t < 1:
-        raise ValueError(f"t must be >= 1, got {t}")
-    return (x_t == mask_id) & (_uniform(tuple(x_t.shape), generator, x_t.device) < 1.0 / t)
-
-
 # ---------------------------------------------------------------------------------------------
 # Losses (Eq. 6, Eq. 7, the authors' code, MLM)
 #

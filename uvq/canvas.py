@@ -34,7 +34,7 @@ import torch
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
 from uvq.runtime import UserError
-from uvq.sampling import DEFAULT_SAMPLER, SampleRNG, _mix32, make_predict
+from uvq.sampling import DEFAULT_SAMPLER, SampleRNG, make_predict, mix32, provenance_header
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 
@@ -169,8 +169,8 @@ def parse_window_choice(spec: str | int | None) -> int | None:
 def _row_keys(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit hash of each row's tokens: LongTensor[B, N] -> [B] in [0, 2**32)."""
     pos = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
-    h = _mix32((x * 0x9E3779B1 + pos * 0x7FEB352D + 1) & 0xFFFFFFFF)  # [B, N]
-    return _mix32(h.sum(1) & 0xFFFFFFFF)  # [B]
+    h = mix32((x * 0x9E3779B1 + pos * 0x7FEB352D + 1) & 0xFFFFFFFF)  # [B, N]
+    return mix32(h.sum(1) & 0xFFFFFFFF)  # [B]
 
 
 class WindowMixture:
@@ -444,7 +444,6 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     the prior's window token count N (random order) or the canvas's token count (raster order,
     one token per step as the authors).
     """
-    from uvq import __version__
     from uvq.checkpoint import load_model, read_meta
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, prepare_out_dir
@@ -506,15 +505,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     grid_path = save_grid(torch.stack(grid_images), out / "grid.png", nrow=min(4, len(grid_images)))
     total_s = time.perf_counter() - t_begin
     summary = {
-        "uvq_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "upscale-canvas",
-        "out_dir": str(out),
-        "n": n,
-        "prior": {"path": prior_meta["path"], "sha256": prior_meta["weights_sha256"], "step": prior_meta.get("step"),
-                  "weights": prior_meta["default_weights"] if weights == "default" else weights},
-        "vqgan": {"path": vq_meta["path"], "sha256": vq_meta["weights_sha256"], "step": vq_meta.get("step"),
-                  "weights": vq_weights},
+        **provenance_header("upscale-canvas", out, n, prior_meta, weights, vq_meta, vq_weights),
         "canvas": {"latents": list(canvas), "pixels": [canvas[0] * downsample, canvas[1] * downsample],
                    "window": list(window), "stride": stride, "windows": windows, "wrap": wrap,
                    "windows_per_step": len(geometry) if random_m is None else random_m},

@@ -364,12 +364,11 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     inpaint.json (checkpoint hashes, settings, and per input the fitting, the mask size, t_start).
     Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j.
     """
-    from uvq import __version__
     from uvq.checkpoint import load_model, read_meta
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, prepare_out_dir
     from uvq.runtime import resolve_device
-    from uvq.sampling import DEFAULT_SAMPLER, check_pair, find_vqgan
+    from uvq.sampling import DEFAULT_SAMPLER, check_pair, find_vqgan, provenance_header
 
     progress = progress or null_progress
     t_begin = time.perf_counter()
@@ -442,15 +441,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     progress({"event": "end", "task": "inpaint"})
     total_s = time.perf_counter() - t_begin
     summary = {
-        "uvq_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "inpaint",
-        "out_dir": str(out),
-        "n": n,
-        "prior": {"path": prior_meta["path"], "sha256": prior_meta["weights_sha256"], "step": prior_meta.get("step"),
-                  "weights": prior_meta["default_weights"] if weights == "default" else weights},
-        "vqgan": {"path": vq_meta["path"], "sha256": vq_meta["weights_sha256"], "step": vq_meta.get("step"),
-                  "weights": vq_weights},
+        **provenance_header("inpaint", out, n, prior_meta, weights, vq_meta, vq_weights),
         "seed": seed,
         "temperature": temp,
         "sampler": DEFAULT_SAMPLER,

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from uvq import __version__
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register, registry
 from uvq.runtime import UserError, amp_context
@@ -44,7 +45,7 @@ Filter = Callable[[torch.Tensor], torch.Tensor]
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
+def mix32(h: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser on int64 tensors holding values in [0, 2**32).
 
     Shifts follow the "lowbias32" finaliser (Chris Wellons' hash prospector), a murmur3-fmix32
@@ -78,9 +79,9 @@ class SampleRNG:
         self.sample_ids = ids
         self.counter = _counter
         lo, hi = self.seed & _MASK32, (self.seed >> 32) & _MASK32
-        key = _mix32(torch.full_like(ids, lo) ^ 0x9E3779B9)
-        key = _mix32(key ^ hi)
-        self._keys = _mix32(key ^ ids)  # [B], one stream key per sample
+        key = mix32(torch.full_like(ids, lo) ^ 0x9E3779B9)
+        key = mix32(key ^ hi)
+        self._keys = mix32(key ^ ids)  # [B], one stream key per sample
         self._index: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -93,9 +94,9 @@ class SampleRNG:
             self._index = torch.arange(n, device=self.device, dtype=torch.int64)
         c = self.counter
         self.counter += 1
-        call_key = _mix32(self._keys ^ ((c * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B]
-        h = _mix32((call_key[:, None] + self._index[None, :] * 0x632BE5AB) & _MASK32)  # [B, n]
-        h = _mix32(h ^ call_key[:, None])
+        call_key = mix32(self._keys ^ ((c * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B]
+        h = mix32((call_key[:, None] + self._index[None, :] * 0x632BE5AB) & _MASK32)  # [B, n]
+        h = mix32(h ^ call_key[:, None])
         return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(len(self), *tail)
 
     def skip(self, calls: int = 1) -> None:
@@ -654,6 +655,22 @@ SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
 
 
+
+def provenance_header(command: str, out: Path, n: int, prior_meta: dict[str, Any], weights: str,
+                      vq_meta: dict[str, Any] | None, vq_weights: str | None) -> dict[str, Any]:
+    """The common head of samples.json / canvas / inpaint records: version, time, checkpoints and hashes."""
+    return {
+        "uvq_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        "out_dir": str(out),
+        "n": n,
+        "prior": {"path": prior_meta["path"], "sha256": prior_meta["weights_sha256"], "step": prior_meta.get("step"),
+                  "weights": prior_meta["default_weights"] if weights == "default" else weights},
+        "vqgan": None if vq_meta is None else {"path": vq_meta["path"], "sha256": vq_meta["weights_sha256"],
+                                               "step": vq_meta.get("step"), "weights": vq_weights},
+    }
+
 def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path | None = None, n: int = 64,
                   steps: int | None = None, temp: float = 0.9, seed: int = 0, batch_size: int = 64,
                   sampler: str = DEFAULT_SAMPLER, options: dict[str, Any] | None = None, grid: bool = True,
@@ -667,7 +684,6 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
     `images=False` writes codes only and needs no VQGAN.
     """
-    from uvq import __version__
     from uvq.checkpoint import load_model, read_meta
     from uvq.files import atomic_write_json, prepare_out_dir
     from uvq.images import save_grid, save_png
@@ -730,14 +746,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                       tokenizer=tokenizer, transform={"generated_by": "uvq sample", "seed": seed})
     total_s = time.perf_counter() - t_start
     summary = {
-        "uvq_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "out_dir": str(out),
-        "n": n,
-        "prior": {"path": prior_meta["path"], "sha256": prior_meta["weights_sha256"], "step": prior_meta.get("step"),
-                  "weights": prior_meta["default_weights"] if weights == "default" else weights},
-        "vqgan": None if vq_meta is None else {"path": vq_meta["path"], "sha256": vq_meta["weights_sha256"],
-                                               "step": vq_meta.get("step"), "weights": vq_weights},
+        **provenance_header("sample", out, n, prior_meta, weights, vq_meta, vq_weights),
         "seed": seed,
         "steps": steps,
         "temperature": temp,
