@@ -904,7 +904,7 @@ def evaluate_vqgan(checkpoint: str | Path, data: str, *, split: str = "val", bat
     if lpips_net is not None:
         from uvq.losses import load_lpips
 
-        lpips_model = load_lpips(lpips_net).to(device)
+        lpips_model = load_lpips(lpips_net, alternative="or pass --no-lpips").to(device)
     extractor = _build_extractor(cfg_eval, device) if cfg_eval is not None else None
     img_size = int(meta["model_config"]["img_size"])
     stream = iterate_images(data_cfg, img_size, split=split, batch_size=batch_size, progress=progress)

@@ -65,7 +65,8 @@ def _sha256_prefix_ok(path: Path) -> bool:
     return digest.hexdigest().startswith(expected)
 
 
-def load_lpips(net: str = "vgg", check_hash: bool = False) -> nn.Module:
+def load_lpips(net: str = "vgg", check_hash: bool = False,
+               alternative: str = "or set train.perceptual_weight=0 to train without LPIPS") -> nn.Module:
     """The `lpips` package's LPIPS(net, v0.1) with its trunk loaded from the torch hub cache.
 
     torchvision would load the same cached file with `torch.load(weights_only=False)` (it only
@@ -74,12 +75,13 @@ def load_lpips(net: str = "vgg", check_hash: bool = False) -> nn.Module:
     one clear line when it is missing or wrong, and copy the trunk's `features.*` tensors into
     LPIPS's slices; LPIPS's own linear layers ship inside the lpips package. `check_hash`
     verifies the file against the sha256 prefix in its name (one full read of the file).
+    `alternative` ends the error message with the caller's way around the missing weights.
     """
     import lpips
 
     path = lpips_trunk_path(net)
     arch, url = LPIPS_TRUNKS[net]
-    zero = "or set train.perceptual_weight=0 to train without LPIPS"
+    zero = alternative
     if not path.is_file():
         raise UserError(f"LPIPS-{net} needs torchvision's ImageNet {arch} weights: put {path.name} (from {url}) "
                         f"at {path} (the torch hub cache, $TORCH_HOME/hub/checkpoints), {zero}")

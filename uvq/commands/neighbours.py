@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         if mode not in MODES:
             raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
         dev = resolve_device(device)
-        model = load_lpips(lpips_net)
+        model = load_lpips(lpips_net, alternative="or choose another trunk with --lpips-net alex|squeeze")
         out_dir = prepare_out_dir(out, overwrite=overwrite, what="neighbours output")
         rep = reporter()
         try:
