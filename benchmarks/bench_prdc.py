@@ -74,7 +74,7 @@ def _child_extract(spec: dict) -> dict:
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    from uvq.evaluate import InceptionFeatures
+    from uvq.featuresets import InceptionFeatures
 
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
             mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):

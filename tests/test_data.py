@@ -25,13 +25,13 @@ from uvq.data import (
     iterate_images,
     key_fraction,
     resolve_stream,
-    shard_assignment,
     train_batches,
 )
 from uvq.demo import demo_array, demo_image, demo_key, write_demo_folder
 from uvq.images import load_rgb
 from uvq.registry import registry
 from uvq.runtime import UserError
+from uvq.streams import shard_assignment
 
 # ---------------------------------------------------------------------------------------------
 # helpers: real files on disk

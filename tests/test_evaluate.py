@@ -19,15 +19,17 @@ from scipy import linalg
 from uvq.config import EvalConfig, VQGANConfig
 from uvq.evaluate import (
     compute_prdc,
-    default_inception_weights,
     evaluate_metrics,
     evaluate_reconstruction,
-    feature_statistics,
     frechet_distance,
     kernel_inception_distance,
+    write_report,
+)
+from uvq.featuresets import (
+    default_inception_weights,
+    feature_statistics,
     open_set,
     resolve_inception_weights,
-    write_report,
 )
 from uvq.runtime import UserError
 
@@ -220,7 +222,7 @@ def test_sources_folder_samples_and_shards(tmp_path):
     demo = open_set("demo:4@16")
     assert demo.kind == "demo" and len(demo.items) == 4 and demo.content_sha256 == open_set("demo:4@16").content_sha256
     from uvq.demo import demo_array
-    from uvq.evaluate import decode_uint8, iter_bytes
+    from uvq.featuresets import decode_uint8, iter_bytes
 
     first = next(iter_bytes(demo.items))[1]
     np.testing.assert_array_equal(decode_uint8(first), demo_array(0, 16))
@@ -253,7 +255,7 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
         resolve_inception_weights(tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     torch.save({"not": torch.zeros(1)}, bad)
-    from uvq.evaluate import InceptionFeatures
+    from uvq.featuresets import InceptionFeatures
 
     with pytest.raises(UserError, match="not an inception-v3-compat state dict"):
         InceptionFeatures(bad)

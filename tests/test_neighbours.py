@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from uvq.evaluate import open_set
+from uvq.featuresets import open_set
 from uvq.images import save_png
 from uvq.neighbours import LPIPSFeatures, _load_all, find_neighbours
 from uvq.runtime import UserError

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uvq import __version__
-from uvq.evaluate import ImageSet, iter_bytes, open_set
+from uvq.featuresets import ImageSet, iter_bytes, open_set
 from uvq.files import atomic_path, atomic_write_json
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
@@ -254,7 +254,7 @@ def _fast(samples, reference, lp, *, k, prefilter, batch_size, pixel_size, group
 def load_samples(image_set: ImageSet, progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """The sample images at one size (the first readable sample's, square-cropped), their keys,
     and the keys of unreadable files."""
-    from uvq.evaluate import decode_uint8
+    from uvq.featuresets import decode_uint8
 
     first = None
     for _item, data in iter_bytes(image_set.items):

@@ -35,12 +35,13 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*(\.[a-z0-9_\-]+)*\.v\d+$")
 # Modules of uvq itself that register components when imported.
 BUILTIN_MODULES = (
     "uvq.data",
+    "uvq.streams",
     "uvq.vqgan",
     "uvq.losses",
     "uvq.prior",
     "uvq.absorbing",
     "uvq.sampling",
-    "uvq.evaluate",
+    "uvq.featuresets",
     "uvq.latents",
 )
 
