@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uvq import convert, reference
+from uvq import convert, layouts, reference
 from uvq.checkpoint import build_model, load_model, load_state_dict, read_meta
 from uvq.config import VQGANConfig, load_config
 from uvq.files import sha256_file
@@ -129,15 +129,15 @@ def test_inferred_architectures_match_the_fixture_settings():
     _need_fixtures()
     hp = json.loads((OFFICIAL / "official_small.json").read_text())
     vh, ph = hp["vqgan_hparams"], hp["prior_hparams"]
-    cfg = convert.infer_official_vqgan(_load(OFFICIAL / "vqgan_ema_small.th"), img_size=vh["img_size"])
+    cfg = layouts.infer_official_vqgan(_load(OFFICIAL / "vqgan_ema_small.th"), img_size=vh["img_size"])
     assert (cfg["nf"], cfg["ch_mult"], cfg["res_blocks"], cfg["dec_res_blocks"]) == (vh["nf"], vh["ch_mult"], vh["res_blocks"], vh["res_blocks"])
     assert (cfg["attn_resolutions"], cfg["emb_dim"], cfg["codebook_size"]) == (vh["attn_resolutions"], vh["emb_dim"], vh["codebook_size"])
     assert cfg["likelihood_head"] is True  # the fixture carries ae.generator.logsigma.*
-    pcfg = convert.infer_official_prior(_load(OFFICIAL / "absorbing_ema_small.th"), n_head=ph["bert_n_head"])
+    pcfg = layouts.infer_official_prior(_load(OFFICIAL / "absorbing_ema_small.th"), n_head=ph["bert_n_head"])
     assert (pcfg["n_embd"], pcfg["n_layer"], pcfg["latent_shape"]) == (ph["bert_n_emb"], ph["bert_n_layers"], vh["latent_shape"][1:])
     th = json.loads((TAMING / "taming_small.json").read_text())
     dd = th["ddconfig"]
-    tcfg = convert.infer_taming_vqgan(_load(TAMING / "taming_vqgan_small.ckpt")["state_dict"], img_size=dd["resolution"])
+    tcfg = layouts.infer_taming_vqgan(_load(TAMING / "taming_vqgan_small.ckpt")["state_dict"], img_size=dd["resolution"])
     assert (tcfg["nf"], tcfg["ch_mult"], tcfg["res_blocks"], tcfg["dec_res_blocks"]) == (dd["ch"], dd["ch_mult"], dd["num_res_blocks"], dd["num_res_blocks"] + 1)
     assert (tcfg["z_channels"], tcfg["emb_dim"], tcfg["codebook_size"], tcfg["attn_resolutions"]) == (dd["z_channels"], th["embed_dim"], th["n_embed"], dd["attn_resolutions"])
 
@@ -326,7 +326,7 @@ def test_cli_refuses_a_pickle_that_carries_code(tmp_path, capsys):
     line = _cli_error(capsys, "import", "official", "--vqgan", str(tmp_path / "evil.th"), "--out", str(tmp_path / "o"))
     assert "refused" in line and ("posix.system" in line or "os.system" in line)
     with pytest.raises(UserError, match="would import and run code"):
-        convert.load_tensor_file(tmp_path / "evil.pkl", "--vqgan")
+        layouts.load_tensor_file(tmp_path / "evil.pkl", "--vqgan")
     assert not marker.exists()
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from uvq.config import PriorConfig, load_config
-from uvq.convert import infer_official_prior, map_official_prior
+from uvq.layouts import infer_official_prior, map_official_prior
 from uvq.prior import (
     PRESETS,
     AbsorbingTransformer,

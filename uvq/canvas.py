@@ -444,23 +444,19 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     the prior's window token count N (random order) or the canvas's token count (raster order,
     one token per step as the authors).
     """
-    from uvq.checkpoint import load_model, read_meta
+    from uvq.checkpoint import load_model
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, prepare_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
-    from uvq.sampling import SAMPLE_NAME, SAMPLES_JSON, check_pair, find_vqgan
+    from uvq.sampling import SAMPLE_NAME, SAMPLES_JSON, read_prior_meta, resolve_pair
 
     progress = progress or null_progress
     t_begin = time.perf_counter()
     dev = resolve_device(device)
-    prior_meta = read_meta(prior)
-    if prior_meta.get("kind") != "prior":
-        raise UserError(f"{prior} is a {prior_meta.get('kind')} checkpoint, not a prior")
+    prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
-    vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan)
-    vq_meta = read_meta(vq_path)
-    check_pair(prior_meta, vq_meta)
+    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
     downsample = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan").downsample
     canvas = canvas_latents(size=size, latent_size=latent_size, downsample=downsample, window=window)
     n_canvas = canvas[0] * canvas[1]

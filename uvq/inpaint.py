@@ -364,11 +364,11 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     inpaint.json (checkpoint hashes, settings, and per input the fitting, the mask size, t_start).
     Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j.
     """
-    from uvq.checkpoint import load_model, read_meta
+    from uvq.checkpoint import load_model
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, prepare_out_dir
     from uvq.runtime import resolve_device
-    from uvq.sampling import DEFAULT_SAMPLER, check_pair, find_vqgan, provenance_header
+    from uvq.sampling import DEFAULT_SAMPLER, provenance_header, read_prior_meta, resolve_pair
 
     progress = progress or null_progress
     t_begin = time.perf_counter()
@@ -377,13 +377,9 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     if n < 1:
         raise UserError(f"--n must be >= 1 (got {n})")
     dev = resolve_device(device)
-    prior_meta = read_meta(prior)
-    if prior_meta.get("kind") != "prior":
-        raise UserError(f"{prior} is a {prior_meta.get('kind')} checkpoint, not a prior")
+    prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
-    vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan)
-    vq_meta = read_meta(vq_path)
-    check_pair(prior_meta, vq_meta)
+    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
     vq_cfg = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan")
     f, size = vq_cfg.downsample, vq_cfg.img_size
     box_specs = [parse_box(b) for b in (boxes or [])]

@@ -14,7 +14,7 @@ ELBO) lives apart, in `uvq.absorbing`.
 Parameter names follow the authors' released checkpoints (`tok_emb`, `pos_emb`, `blocks.<i>.ln1`,
 `attn.proj`, `mlp.0`, `mlp.2`, `ln_f`, `head`), except that query, key and value are fused into
 one `attn.qkv` Linear whose output rows are ordered [query; key; value] (one matrix product
-instead of three). `uvq.convert.map_official_prior` performs that one mapping.
+instead of three). `uvq.layouts.map_official_prior` performs that one mapping.
 """
 
 from __future__ import annotations

@@ -647,6 +647,26 @@ def check_pair(prior_meta: dict[str, Any], vqgan_meta: dict[str, Any]) -> None:
                         f"{vqgan_meta['path']} decodes {list(vc.latent_shape)}; use the VQGAN the prior was trained with")
 
 
+def read_prior_meta(prior: str | Path) -> dict[str, Any]:
+    """A prior checkpoint's meta, refusing checkpoints of another kind."""
+    from uvq.checkpoint import read_meta
+
+    prior_meta = read_meta(prior)
+    if prior_meta.get("kind") != "prior":
+        raise UserError(f"{prior} is a {prior_meta.get('kind')} checkpoint, not a prior")
+    return prior_meta
+
+
+def resolve_pair(prior_meta: dict[str, Any], vqgan: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The VQGAN that decodes a prior's tokens (its provenance, or `vqgan`), checked to fit: (meta, weights)."""
+    from uvq.checkpoint import read_meta
+
+    vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan)
+    vq_meta = read_meta(vq_path)
+    check_pair(prior_meta, vq_meta)
+    return vq_meta, vq_weights
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs: the library function behind `uvq sample` (and the pipeline's sample stage)
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +704,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
     `images=False` writes codes only and needs no VQGAN.
     """
-    from uvq.checkpoint import load_model, read_meta
+    from uvq.checkpoint import load_model
     from uvq.files import atomic_write_json, prepare_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
@@ -694,17 +714,13 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         raise UserError("nothing to write: ask for images, --codes, or both")
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    prior_meta = read_meta(prior)
-    if prior_meta.get("kind") != "prior":
-        raise UserError(f"{prior} is a {prior_meta.get('kind')} checkpoint, not a prior")
+    prior_meta = read_prior_meta(prior)
     n_tokens = int(prior_meta["model_config"]["latent_shape"][0]) * int(prior_meta["model_config"]["latent_shape"][1])
     steps = n_tokens if steps is None else int(steps)
     _validate_sampling(n_tokens, steps, temp)
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
-        vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan)
-        vq_meta = read_meta(vq_path)
-        check_pair(prior_meta, vq_meta)
+        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
     out = prepare_out_dir(out_dir, overwrite=overwrite, what="samples")
     net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
     if vq_meta is not None:

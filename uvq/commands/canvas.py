@@ -12,6 +12,10 @@ from uvq.commands.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    PriorOpt,
+    PriorRecipeOpt,
+    PriorRunOpt,
+    VqganOpt,
     apply_local,
     emit,
     reporter,
@@ -21,11 +25,10 @@ from uvq.commands.common import (
 def register(app: typer.Typer) -> None:
     @app.command("upscale-canvas")
     def upscale_canvas_cmd(
-        prior: str = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
-                                  "--recipe or the current directory)."),
-        run: Path = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from."),
-        recipe: str = typer.Option(None, "--recipe", help="Take the prior of this recipe's pipeline run (runs/<name>)."),
-        vqgan: str = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance)."),
+        prior: str = PriorOpt,
+        run: Path = PriorRunOpt,
+        recipe: str = PriorRecipeOpt,
+        vqgan: str = VqganOpt,
         size: str = typer.Option(None, "--size", help="Canvas in pixels, HxW (multiples of the VQGAN's downsampling)."),
         latent_size: str = typer.Option(None, "--latent-size", help="Canvas in latents, hxw."),
         n: int = typer.Option(4, "--n", help="Number of canvases."),

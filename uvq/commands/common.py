@@ -30,6 +30,12 @@ SeedOpt = typer.Option(None, "--seed", help="Random seed (default: the recipe's 
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output directory.")
 JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
+# Where the sampling commands (sample, upscale-canvas, inpaint) take their models from.
+PriorOpt = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
+                        "--recipe or the current directory).")
+PriorRunOpt = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from.")
+PriorRecipeOpt = typer.Option(None, "--recipe", help="Take the prior of this recipe's pipeline run (runs/<name>).")
+VqganOpt = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance).")
 
 
 def apply_local(json_flag: bool = False, debug_flag: bool = False) -> None:

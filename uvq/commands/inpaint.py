@@ -12,6 +12,10 @@ from uvq.commands.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    PriorOpt,
+    PriorRecipeOpt,
+    PriorRunOpt,
+    VqganOpt,
     apply_local,
     emit,
     reporter,
@@ -28,11 +32,10 @@ def register(app: typer.Typer) -> None:
                                       "exclusive); repeat for several."),
         extend: str = typer.Option(None, "--extend", help="Outpaint: grow the (fitted) image, e.g. left=64,right=64 "
                                    "(pixels, multiples of the downsampling factor)."),
-        prior: str = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
-                                  "--recipe or the current directory)."),
-        run: Path = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from."),
-        recipe: str = typer.Option(None, "--recipe", help="Take the prior of this recipe's pipeline run (runs/<name>)."),
-        vqgan: str = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance)."),
+        prior: str = PriorOpt,
+        run: Path = PriorRunOpt,
+        recipe: str = PriorRecipeOpt,
+        vqgan: str = VqganOpt,
         n: int = typer.Option(8, "--n", help="Completions per input."),
         steps: int = typer.Option(None, "--steps", help="Step budget T of a full chain (default: N tokens); the "
                                   "chain starts at round(T * masked / N)."),

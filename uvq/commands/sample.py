@@ -11,6 +11,10 @@ from uvq.commands.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    PriorOpt,
+    PriorRecipeOpt,
+    PriorRunOpt,
+    VqganOpt,
     apply_local,
     emit,
     reporter,
@@ -20,11 +24,10 @@ from uvq.commands.common import (
 def register(app: typer.Typer) -> None:
     @app.command("sample")
     def sample_cmd(
-        prior: str = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
-                                  "--recipe or the current directory)."),
-        run: Path = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from."),
-        recipe: str = typer.Option(None, "--recipe", help="Take the prior of this recipe's pipeline run (runs/<name>)."),
-        vqgan: str = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance)."),
+        prior: str = PriorOpt,
+        run: Path = PriorRunOpt,
+        recipe: str = PriorRecipeOpt,
+        vqgan: str = VqganOpt,
         n: int = typer.Option(None, "--n", help="Number of samples (default: the recipe's sample.n)."),
         steps: int = typer.Option(None, "--steps", help="Sampling steps S, 1..N (default: the recipe's sample.steps, else N)."),
         temp: float = typer.Option(None, "--temp", help="Temperature of softmax(logits / temp) (default: sample.temp)."),
