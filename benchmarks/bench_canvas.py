@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from uvq.canvas import WindowMixture, make_windows, sample_canvases
-from uvq.prior import AbsorbingTransformer
+from uvq.prior.model import AbsorbingTransformer
 from uvq.runtime import amp_context, resolve_device
-from uvq.sampling import make_predict
+from uvq.sampling.canvas import WindowMixture, make_windows, sample_canvases
+from uvq.sampling.chain import make_predict
 
 
 def _sync(device: torch.device) -> None:

@@ -49,7 +49,7 @@ def child(spec: dict) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             out = {k: float(v) for k, v in prdc.compute_prdc(real, fake, spec["k"]).items()}
     else:
-        from uvq.evaluate import compute_prdc
+        from uvq.evaluation.metrics import compute_prdc
 
         out = compute_prdc(real, fake, spec["k"], device=spec["device"])
         if spec["device"].startswith("cuda"):
@@ -74,7 +74,7 @@ def _child_extract(spec: dict) -> dict:
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    from uvq.featuresets import InceptionFeatures
+    from uvq.evaluation.features import InceptionFeatures
 
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
             mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):

@@ -111,8 +111,8 @@ def _rss_mib() -> float:
 def measure(size: str, impl: str, precision: str, device_name: str, batch: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from uvq.absorbing import AbsorbingDiffusion
-    from uvq.prior import AbsorbingTransformer, flops_per_token
+    from uvq.prior.absorbing import AbsorbingDiffusion
+    from uvq.prior.model import AbsorbingTransformer, flops_per_token
     from uvq.runtime import amp_context
 
     n_embd, n_head, n_layer, K, N = SIZES[size]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from uvq.cli import main
+from uvq.cli.app import main
 
 if __name__ == "__main__":
     main(["bench", "sample", *sys.argv[1:]])

@@ -47,7 +47,7 @@ def stand_in_vgg(torch_home: Path) -> Path:
     import torch
     import torchvision
 
-    from uvq.losses import lpips_trunk_path
+    from uvq.vqgan.losses import lpips_trunk_path
 
     os.environ["TORCH_HOME"] = str(torch_home)
     path = lpips_trunk_path("vgg")
@@ -63,7 +63,7 @@ def measure(size: str, batch: int, precision: str, steps: int, warmup: int, devi
     import torch
 
     from uvq.config import load_config
-    from uvq.train_vqgan import fit_vqgan
+    from uvq.vqgan.train import fit_vqgan
 
     recipe = RECIPES[size]
     overrides = [
@@ -117,7 +117,7 @@ def main() -> None:
 
     import torch
 
-    from uvq.losses import lpips_trunk_path
+    from uvq.vqgan.losses import lpips_trunk_path
 
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     tmp_home = None

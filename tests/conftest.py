@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths, small configs, and a CLI runner that goes through `uvq.cli.main`."""
+"""Shared test fixtures: paths, small configs, and a CLI runner that goes through `uvq.cli.app.main`."""
 
 from __future__ import annotations
 

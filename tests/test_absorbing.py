@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from uvq.absorbing import (
+from uvq.prior.absorbing import (
     PRIOR_LOSSES,
     AbsorbingDiffusion,
     elbo_full_sum,
@@ -18,7 +18,7 @@ from uvq.absorbing import (
     reweighted_elbo_scale,
     start_time_for_masked,
 )
-from uvq.prior import AbsorbingTransformer
+from uvq.prior.model import AbsorbingTransformer
 from uvq.registry import registry
 from uvq.runtime import UserError
 

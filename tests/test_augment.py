@@ -1,11 +1,12 @@
-"""uvq.augment: DiffAugment's policies, their bounds, exact translation/cutout, and gradients."""
+"""uvq.vqgan.augment: DiffAugment's policies, their bounds, exact translation/cutout, and gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from uvq.augment import (
+from uvq.runtime import UserError
+from uvq.vqgan.augment import (
     cutout_mask,
     diff_augment,
     parse_policy,
@@ -16,7 +17,6 @@ from uvq.augment import (
     rand_translation,
     translate,
 )
-from uvq.runtime import UserError
 
 
 def images(b: int = 8, h: int = 16, w: int = 16, seed: int = 0) -> torch.Tensor:

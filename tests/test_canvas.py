@@ -13,7 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uvq.canvas import (
+from uvq.prior.model import AbsorbingTransformer
+from uvq.runtime import UserError
+from uvq.sampling.canvas import (
     WindowMixture,
     canvas_latents,
     decode_canvas,
@@ -22,9 +24,7 @@ from uvq.canvas import (
     parse_window_choice,
     sample_canvases,
 )
-from uvq.prior import AbsorbingTransformer
-from uvq.runtime import UserError
-from uvq.sampling import sample_tokens
+from uvq.sampling.chain import sample_tokens
 
 K = 16
 
@@ -49,8 +49,8 @@ def make_pair(root, *, codebook_size=K, img_size=16, seed=0):
     """A tiny VQGAN (16x16 pixels, downsampling 2, 8x8 latents) and a prior whose provenance names it."""
     from uvq.checkpoint import read_meta, save_checkpoint
     from uvq.config import PriorConfig, VQGANConfig
-    from uvq.latents import tokenizer_record
-    from uvq.vqgan import build_vqgan
+    from uvq.prior.latents import tokenizer_record
+    from uvq.vqgan.model import build_vqgan
 
     torch.manual_seed(seed)
     vc = VQGANConfig(img_size=img_size, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8,
@@ -228,7 +228,7 @@ def test_wrapped_windows_link_the_left_and_right_edges():
 
 def test_wrapped_canvas_decodes_seamlessly():
     from uvq.config import VQGANConfig
-    from uvq.vqgan import build_vqgan
+    from uvq.vqgan.model import build_vqgan
 
     torch.manual_seed(0)
     vc = VQGANConfig(img_size=16, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8, codebook_size=K)
@@ -252,8 +252,8 @@ def test_wrapped_canvas_decodes_seamlessly():
 
 
 def test_upscale_canvas_writes_images_and_provenance(tmp_path):
-    from uvq.canvas import upscale_canvas
     from uvq.images import load_rgb
+    from uvq.sampling.canvas import upscale_canvas
 
     _, prior_ckpt = make_pair(tmp_path / "run")
     out = tmp_path / "big"
@@ -273,7 +273,7 @@ def test_upscale_canvas_writes_images_and_provenance(tmp_path):
 
 
 def test_upscale_canvas_cli_and_one_line_errors(tmp_path, capsys):
-    from uvq.cli import main
+    from uvq.cli.app import main
 
     _, prior_ckpt = make_pair(tmp_path / "run")
 

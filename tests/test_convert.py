@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uvq import convert, layouts, reference
+from uvq.interop import convert, layouts, reference
 from uvq.checkpoint import build_model, load_model, load_state_dict, read_meta
 from uvq.config import VQGANConfig, load_config
 from uvq.files import sha256_file
@@ -143,7 +143,7 @@ def test_inferred_architectures_match_the_fixture_settings():
 
 
 def test_provenance_names_sources_and_tokenizer(official):
-    from uvq.sampling import find_vqgan
+    from uvq.checkpoint import find_vqgan
 
     out, summary, events = official
     vq_meta, pr_meta = read_meta(out / "vqgan"), read_meta(out / "prior")
@@ -307,7 +307,7 @@ class _RunsCode:
 
 def _cli_error(capsys, *args: str) -> str:
     """Run `uvq` through its entry point (in-process: no interpreter start) and expect one error line."""
-    from uvq.cli import main
+    from uvq.cli.app import main
 
     with pytest.raises(SystemExit) as exit_:
         main(list(args))

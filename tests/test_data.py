@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from uvq.config import DataConfig
-from uvq.data import (
+from uvq.data.demo import demo_array, demo_image, demo_key, write_demo_folder
+from uvq.data.sources import (
     DemoSource,
     count_images,
     decode_image,
@@ -27,11 +28,10 @@ from uvq.data import (
     resolve_stream,
     train_batches,
 )
-from uvq.demo import demo_array, demo_image, demo_key, write_demo_folder
+from uvq.data.streams import shard_assignment
 from uvq.images import load_rgb
 from uvq.registry import registry
 from uvq.runtime import UserError
-from uvq.streams import shard_assignment
 
 # ---------------------------------------------------------------------------------------------
 # helpers: real files on disk

@@ -28,7 +28,7 @@ TINY = [
 
 
 def _worker(rank: int, world: int, port: int, base: str) -> None:
-    from uvq.train_vqgan import fit_vqgan
+    from uvq.vqgan.train import fit_vqgan
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))

@@ -17,19 +17,19 @@ from PIL import Image
 from scipy import linalg
 
 from uvq.config import EvalConfig, VQGANConfig
-from uvq.evaluate import (
+from uvq.evaluation.features import (
+    default_inception_weights,
+    feature_statistics,
+    open_set,
+    resolve_inception_weights,
+)
+from uvq.evaluation.metrics import (
     compute_prdc,
     evaluate_metrics,
     evaluate_reconstruction,
     frechet_distance,
     kernel_inception_distance,
     write_report,
-)
-from uvq.featuresets import (
-    default_inception_weights,
-    feature_statistics,
-    open_set,
-    resolve_inception_weights,
 )
 from uvq.runtime import UserError
 
@@ -221,8 +221,8 @@ def test_sources_folder_samples_and_shards(tmp_path):
     # the embedded demo set (what the demo recipe's pipeline evaluates against), at a given size
     demo = open_set("demo:4@16")
     assert demo.kind == "demo" and len(demo.items) == 4 and demo.content_sha256 == open_set("demo:4@16").content_sha256
-    from uvq.demo import demo_array
-    from uvq.featuresets import decode_uint8, iter_bytes
+    from uvq.data.demo import demo_array
+    from uvq.evaluation.features import decode_uint8, iter_bytes
 
     first = next(iter_bytes(demo.items))[1]
     np.testing.assert_array_equal(decode_uint8(first), demo_array(0, 16))
@@ -255,7 +255,7 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
         resolve_inception_weights(tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     torch.save({"not": torch.zeros(1)}, bad)
-    from uvq.featuresets import InceptionFeatures
+    from uvq.evaluation.features import InceptionFeatures
 
     with pytest.raises(UserError, match="not an inception-v3-compat state dict"):
         InceptionFeatures(bad)
@@ -347,7 +347,7 @@ def test_report_never_overwrites_foreign_files(tmp_path):
 
 
 def test_reconstruction_metrics(tmp_path):
-    from uvq.vqgan import build_vqgan
+    from uvq.vqgan.model import build_vqgan
 
     torch.manual_seed(0)
     cfg = VQGANConfig(img_size=16, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8, codebook_size=32)
@@ -373,7 +373,7 @@ def test_reconstruction_metrics(tmp_path):
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """The real entry point, in process: (exit status, stdout, stderr)."""
-    from uvq.cli import main
+    from uvq.cli.app import main
 
     with pytest.raises(SystemExit) as exc:
         main(list(args))
@@ -426,7 +426,7 @@ def test_cli_fid_with_inception_weights(tmp_path, uvq_cli, inception_weights):
 
 
 def test_eval_config_replace():
-    from uvq.evaluate import replace_eval
+    from uvq.evaluation.metrics import replace_eval
 
     cfg = replace_eval(EvalConfig(), k=3, batch_size=None)
     assert cfg.k == 3 and cfg.batch_size == EvalConfig().batch_size
@@ -437,7 +437,7 @@ def test_cli_recon(tmp_path, capsys):
     """`uvq eval recon` on a checkpoint directory: the run's own split, report and grid beside it."""
     from uvq.checkpoint import write_checkpoint_dir
     from uvq.config import Config
-    from uvq.vqgan import build_vqgan
+    from uvq.vqgan.model import build_vqgan
 
     torch.manual_seed(0)
     vcfg = VQGANConfig(img_size=16, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8, codebook_size=32)
@@ -452,7 +452,7 @@ def test_cli_recon(tmp_path, capsys):
                             "--data", str(tmp_path / "data"), "--no-lpips", "--no-fid", "--batch-size", "4", "--json")
     assert code == 0, err
     report = json.loads(stdout)
-    from uvq.data import in_split
+    from uvq.data.sources import in_split
 
     n_val = sum(in_split(f"{i:02d}", "val", 0.5) for i in range(12))  # folder keys drop the extension
     assert report["results"]["n_images"] == n_val > 0 and report["data"]["val_fraction"] == 0.5

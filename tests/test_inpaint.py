@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from test_canvas import K, make_pair, tiny_prior
 
-from uvq.canvas import CanvasStats
-from uvq.inpaint import (
+from uvq.runtime import UserError
+from uvq.sampling.canvas import CanvasStats
+from uvq.sampling.chain import SampleRNG, run_chain
+from uvq.sampling.inpaint import (
     box_mask,
     composite,
     dilate,
@@ -30,8 +32,6 @@ from uvq.inpaint import (
     prepare_job,
     start_time,
 )
-from uvq.runtime import UserError
-from uvq.sampling import SampleRNG, run_chain
 
 
 def save_image(path, w, h, seed=0):
@@ -250,7 +250,7 @@ def test_batch_mode_and_outpainting(tmp_path):
 
 
 def test_inpaint_cli_and_one_line_errors(tmp_path, capsys):
-    from uvq.cli import main
+    from uvq.cli.app import main
 
     _, prior_ckpt = make_pair(tmp_path / "run")
     image = save_image(tmp_path / "photo.png", 16, 16)

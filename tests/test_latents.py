@@ -15,7 +15,7 @@ import torch
 
 from uvq.checkpoint import load_model, write_checkpoint_dir
 from uvq.config import load_config
-from uvq.latents import (
+from uvq.prior.latents import (
     LatentStream,
     check_tokenizer,
     encode_dataset,
@@ -169,7 +169,7 @@ def test_stream_is_registered_and_evaluation_is_ordered(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vqgan(tmp_path_factory):
-    from uvq.vqgan import build_vqgan
+    from uvq.vqgan.model import build_vqgan
 
     cfg = load_config("demo", ["data.demo_images=40", "data.val_fraction=0.2"])
     torch.manual_seed(0)
@@ -188,7 +188,7 @@ def _encode(tiny, out, **kw):
 
 
 def test_encode_writes_the_vqgans_codes_and_flips(tmp_path, tiny_vqgan):
-    from uvq.data import iterate_images
+    from uvq.data.sources import iterate_images
 
     cfg, model, meta, path = tiny_vqgan
     m = _encode(tiny_vqgan, tmp_path / "lat")

@@ -1,4 +1,4 @@
-"""uvq.losses: Eq. 5 and Eq. 9 against hand computations, and LPIPS's offline loading path.
+"""uvq.vqgan.losses: Eq. 5 and Eq. 9 against hand computations, and LPIPS's offline loading path.
 
 LPIPS stand-in: the real trunk files are big (VGG16 528 MB, AlexNet 233 MB: torchvision builds and
 loads the whole classifier too), SqueezeNet 1.1 is 5 MB. A randomly initialised squeezenet1_1
@@ -15,7 +15,9 @@ import torch
 import torchvision
 
 from uvq.config import DiscriminatorConfig, VQGANTrainConfig
-from uvq.losses import (
+from uvq.registry import registry
+from uvq.runtime import UserError
+from uvq.vqgan.losses import (
     CodebookLoss,
     PatchDiscriminator,
     Perceptual,
@@ -29,9 +31,7 @@ from uvq.losses import (
     load_lpips,
     lpips_trunk_path,
 )
-from uvq.registry import registry
-from uvq.runtime import UserError
-from uvq.vqgan import NearestQuantizer
+from uvq.vqgan.model import NearestQuantizer
 
 # lpips's own reference path calls torchvision with the deprecated `pretrained=` argument
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated since 0.13.*:UserWarning")

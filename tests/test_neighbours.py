@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from uvq.featuresets import open_set
+from uvq.evaluation.features import open_set
+from uvq.evaluation.neighbours import LPIPSFeatures, _load_all, find_neighbours
 from uvq.images import save_png
-from uvq.neighbours import LPIPSFeatures, _load_all, find_neighbours
 from uvq.runtime import UserError
 
 SIZE = 16
@@ -115,11 +115,11 @@ def test_bad_requests(model, reference):
 
 
 def test_cli_neighbours(tmp_path, capsys, monkeypatch):
-    """`uvq neighbours` with LPIPS built by uvq.losses from a stand-in torchvision trunk file."""
+    """`uvq neighbours` with LPIPS built by uvq.vqgan.losses from a stand-in torchvision trunk file."""
     import torchvision
 
-    from uvq.cli import main
-    from uvq.losses import lpips_trunk_path
+    from uvq.cli.app import main
+    from uvq.vqgan.losses import lpips_trunk_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     trunk = lpips_trunk_path("squeeze")
@@ -159,7 +159,7 @@ def test_cli_neighbours(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_neighbours_without_lpips_weights(tmp_path, reference, capsys, monkeypatch):
-    from uvq.cli import main
+    from uvq.cli.app import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SystemExit) as exc:

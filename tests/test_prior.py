@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from uvq.config import PriorConfig, load_config
-from uvq.layouts import infer_official_prior, map_official_prior
-from uvq.prior import (
+from uvq.interop.layouts import infer_official_prior, map_official_prior
+from uvq.prior.model import (
     PRESETS,
     AbsorbingTransformer,
     build_absorbing_transformer,

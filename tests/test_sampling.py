@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from uvq.config import SampleConfig
-from uvq.prior import AbsorbingTransformer
+from uvq.prior.model import AbsorbingTransformer
 from uvq.registry import registry
 from uvq.runtime import UserError
-from uvq.sampling import (
+from uvq.sampling.chain import (
     DEFAULT_SAMPLER,
     SampleRNG,
     absorbing_chain,
@@ -351,8 +351,8 @@ def make_checkpoints(root, *, codebook_size=16, img_size=16, prior_shape=None, s
 
     from uvq.checkpoint import read_meta, save_checkpoint
     from uvq.config import PriorConfig, VQGANConfig
-    from uvq.latents import tokenizer_record
-    from uvq.vqgan import build_vqgan
+    from uvq.prior.latents import tokenizer_record
+    from uvq.vqgan.model import build_vqgan
 
     torch.manual_seed(seed)
     vc = VQGANConfig(img_size=img_size, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[], emb_dim=8,
@@ -375,8 +375,8 @@ def make_checkpoints(root, *, codebook_size=16, img_size=16, prior_shape=None, s
 def test_write_samples_outputs_and_provenance(tmp_path):
     import json
 
-    from uvq.latents import read_manifest, read_shard
-    from uvq.sampling import write_samples
+    from uvq.prior.latents import read_manifest, read_shard
+    from uvq.sampling.outputs import write_samples
 
     vq_ckpt, prior_ckpt = make_checkpoints(tmp_path / "run")
     out = tmp_path / "samples"
@@ -402,7 +402,7 @@ def test_write_samples_outputs_and_provenance(tmp_path):
 
 
 def test_write_samples_refuses_mismatched_pairs_and_used_dirs(tmp_path):
-    from uvq.sampling import write_samples
+    from uvq.sampling.outputs import write_samples
 
     vq_a, prior_a = make_checkpoints(tmp_path / "a", codebook_size=16)
     vq_b, _ = make_checkpoints(tmp_path / "b", codebook_size=32)
@@ -422,8 +422,7 @@ def test_write_samples_refuses_mismatched_pairs_and_used_dirs(tmp_path):
 def test_vqgan_is_found_beside_a_moved_run(tmp_path):
     import shutil
 
-    from uvq.checkpoint import read_meta
-    from uvq.sampling import find_vqgan
+    from uvq.checkpoint import find_vqgan, read_meta
 
     make_checkpoints(tmp_path / "run")
     shutil.move(tmp_path / "run", tmp_path / "moved")
@@ -436,8 +435,8 @@ def test_vqgan_is_found_beside_a_moved_run(tmp_path):
 
 
 def _uvq_in_process(args, capsys):
-    """uvq.cli.main in this process (one import for many calls): (exit status, stdout, stderr)."""
-    from uvq.cli import main
+    """uvq.cli.app.main in this process (one import for many calls): (exit status, stdout, stderr)."""
+    from uvq.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
@@ -492,7 +491,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_benchmark_reference_network_matches_the_prior(prior):
-    from uvq.commands.bench import reference_from
+    from uvq.cli.bench import reference_from
 
     ref = reference_from(prior, n_head=2).eval()
     x = torch.randint(0, K + 1, (3, N))
@@ -501,7 +500,7 @@ def test_benchmark_reference_network_matches_the_prior(prior):
 
 
 def test_benchmark_runs_and_reports_ratios():
-    from uvq.commands.bench import bench_sampling, format_table
+    from uvq.cli.bench import bench_sampling, format_table
 
     result = bench_sampling(device="cpu", sizes=["demo"], steps=[4], batch=2, ref_steps=2)
     (row,) = result["rows"]

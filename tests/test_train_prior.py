@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from uvq.checkpoint import write_checkpoint_dir
 from uvq.config import load_config
-from uvq.latents import write_latents
+from uvq.prior.latents import write_latents
+from uvq.prior.train import evaluate_elbo, fit_prior
 from uvq.runtime import UserError
-from uvq.train_prior import evaluate_elbo, fit_prior
 
 K, N_PATTERNS = 16, 8
 
@@ -64,14 +64,14 @@ def test_validation_elbo_falls_but_not_below_the_entropy(tmp_path, patterns):
 
 
 def evaluate_untrained(cfg, latents):
+    from uvq.prior.train import _build
     from uvq.registry import registry
-    from uvq.train_prior import _build
 
     torch.manual_seed(0)
     model, process = _build(cfg, torch.device("cpu"))
     assert registry.get("priors", cfg.model.prior.name)
-    from uvq.latents import read_manifest
-    from uvq.train_prior import elbo_per_image
+    from uvq.prior.latents import read_manifest
+    from uvq.prior.train import elbo_per_image
 
     return elbo_per_image(model.eval(), process, read_manifest(latents), estimator="mc", draws=4)["mean"]
 
@@ -98,7 +98,7 @@ def test_resume_is_exact(tmp_path, patterns):
 
 
 def _vqgan_ckpt(path, codebook_size=K, img_size=64, seed=0):
-    from uvq.vqgan import build_vqgan
+    from uvq.vqgan.model import build_vqgan
 
     cfg = load_config(None, [f"model.vqgan.codebook_size={codebook_size}", f"model.vqgan.img_size={img_size}",
                              "model.vqgan.nf=32", "model.vqgan.ch_mult=[1,1,1,1,1]", "model.vqgan.emb_dim=8",

@@ -21,7 +21,7 @@ from uvq.checkpoint import load_model, read_meta
 from uvq.config import load_config
 from uvq.ema import EMA
 from uvq.runtime import UserError
-from uvq.train_vqgan import check_fit_vqgan, fit_vqgan
+from uvq.vqgan.train import check_fit_vqgan, fit_vqgan
 
 # A tiny twin of the demo recipe: 16x16 images, 8x8 codes from 16 entries, a 1-layer PatchGAN.
 TINY = [

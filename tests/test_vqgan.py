@@ -1,4 +1,4 @@
-"""uvq.vqgan: the stage-one network (method.md section 1).
+"""uvq.vqgan.model: the stage-one network (method.md section 1).
 
 The strongest checks run the reference projects' own recorded computations: the shared fixtures
 hold small random checkpoints of the authors' VQGAN and of taming-transformers' VQModel with
@@ -14,7 +14,7 @@ import torch
 from uvq.checkpoint import build_model
 from uvq.config import ConfigError, VQGANConfig, load_config
 from uvq.registry import registry
-from uvq.vqgan import AttnBlock, Decoder, Encoder, NearestQuantizer, ResBlock, build_vqgan
+from uvq.vqgan.model import AttnBlock, Decoder, Encoder, NearestQuantizer, ResBlock, build_vqgan
 
 OFFICIAL_SMALL = dict(img_size=32, nf=32, ch_mult=[1, 2], res_blocks=1, attn_resolutions=[16], emb_dim=32,
                       codebook_size=64)

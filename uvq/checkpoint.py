@@ -175,7 +175,7 @@ def build_model(kind: str, model_config: dict[str, Any]) -> torch.nn.Module:
     from uvq.registry import registry
 
     if kind == "vqgan":
-        from uvq.vqgan import build_vqgan
+        from uvq.vqgan.model import build_vqgan
 
         return build_vqgan(section_from_dict(VQGANConfig, model_config, "model.vqgan"))
     cfg = section_from_dict(PriorConfig, model_config, "model.prior")
@@ -190,3 +190,129 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"{f} cannot be loaded safely ({type(exc).__name__}); the checkpoint is damaged") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoints: the prior a user named (or that a run directory holds), and its VQGAN
+# ---------------------------------------------------------------------------------------------
+
+
+def _prior_in(path: Path) -> Path | None:
+    """The prior checkpoint in `path` (a checkpoint, a prior run, or a pipeline run), or None."""
+    for cand in (path / "prior", path):
+        if not cand.exists():
+            continue
+        try:
+            ckpt = resolve_checkpoint(cand)
+        except UserError:
+            continue
+        if read_meta(ckpt).get("kind") == "prior":
+            return ckpt
+    return None
+
+
+def find_prior(prior: str | Path | None = None, *, run: str | Path | None = None, recipe: str | None = None,
+               cwd: str | Path | None = None) -> tuple[Path, str]:
+    """The prior checkpoint to sample from, and a phrase saying where it was found.
+
+    In order: `prior` (a checkpoint or run directory); `run` (a pipeline run, with its prior/
+    stage, or a fit-prior run); `recipe` (the pipeline's default run runs/<recipe>, then the
+    fit-prior default runs/prior-<recipe>); else the current directory (a pipeline or prior run,
+    or a stage directory inside a pipeline run). The best checkpoint is preferred to the last.
+    """
+    if prior is not None:
+        ckpt = resolve_checkpoint(prior)
+        if read_meta(ckpt).get("kind") != "prior":
+            raise UserError(f"--prior {prior} is a {read_meta(ckpt).get('kind')} checkpoint, not a prior")
+        return ckpt, f"--prior {prior}"
+    if run is not None:
+        if not Path(run).exists():
+            raise UserError(f"run directory {run} does not exist; give --run a pipeline or fit-prior run directory")
+        found = _prior_in(Path(run))
+        if found is None:
+            raise UserError(f"no prior checkpoint in run directory {run} (looked in {run}/prior and {run}); "
+                            "train one with `uvq pipeline` or `uvq fit-prior`, or pass --prior")
+        return found, f"run directory {run}"
+    if recipe is not None:
+        stem = Path(recipe).stem
+        tried = [Path("runs") / stem, Path("runs") / f"prior-{stem}"]
+        for cand in tried:
+            if (found := _prior_in(cand)) is not None:
+                return found, f"recipe {recipe} ({cand})"
+        raise UserError(f"no trained prior for recipe {recipe} (looked in {', '.join(map(str, tried))}); "
+                        f"run `uvq pipeline {recipe}` first, or pass --prior / --run")
+    here = Path(cwd or Path.cwd())
+    for cand in (here, here.parent):
+        if (found := _prior_in(cand)) is not None:
+            return found, f"the current directory ({cand})"
+    raise UserError("no prior checkpoint given and none in the current directory; pass --prior CKPT, "
+                    "--run DIR or --recipe NAME")
+
+
+def find_vqgan(prior_meta: dict[str, Any], vqgan: str | Path | None = None) -> tuple[Path, str, str]:
+    """The VQGAN that decodes a prior's codes: (checkpoint, weights, where it was found).
+
+    Without `vqgan`, the prior's provenance names the tokenizer that wrote its training latents
+    (its path and weight hash). When that path has moved, the VQGAN stage beside the prior's run
+    (a pipeline run's vqgan/) is searched for a checkpoint with the same weight hash.
+    """
+    if vqgan is not None:
+        ckpt = resolve_checkpoint(vqgan)
+        if read_meta(ckpt).get("kind") != "vqgan":
+            raise UserError(f"--vqgan {vqgan} is a {read_meta(ckpt).get('kind')} checkpoint, not a VQGAN")
+        return ckpt, "default", f"--vqgan {vqgan}"
+    tok = (prior_meta.get("provenance") or {}).get("tokenizer")
+    if not tok:
+        raise UserError(f"prior {prior_meta['path']} was trained on latents without a tokenizer record, so its "
+                        "VQGAN is unknown; pass --vqgan CKPT")
+    weights = tok.get("weights") or "default"
+    want = tok.get("sha256")
+    candidates: list[Path] = []
+    if tok.get("path"):
+        candidates.append(Path(tok["path"]))
+    prior_run = Path(prior_meta["path"]).parent.parent  # <run>/checkpoints/step-X -> <run>
+    stage_vqgan = prior_run.parent / "vqgan" / "checkpoints"
+    if stage_vqgan.is_dir():
+        candidates += sorted(p for p in stage_vqgan.iterdir() if (p / "meta.json").is_file())
+    for cand in candidates:
+        if not (cand / "meta.json").is_file():
+            continue
+        meta = read_meta(cand)
+        if meta.get("kind") == "vqgan" and _weights_sha(meta, weights) == want:
+            return Path(meta["path"]), weights, "the prior's provenance"
+    raise UserError(f"the VQGAN that encoded prior {prior_meta['path']}'s latents (weights {str(want)[:12]}, "
+                    f"{tok.get('path')}) is not found; pass --vqgan CKPT")
+
+
+def _weights_sha(meta: dict[str, Any], weights: str) -> str | None:
+    which = meta.get("default_weights") if weights == "default" else weights
+    return (meta.get("weights_sha256") or {}).get(which)
+
+
+def check_pair(prior_meta: dict[str, Any], vqgan_meta: dict[str, Any]) -> None:
+    """A prior and a VQGAN fit together when codebook size and latent shape agree."""
+    from uvq.config import VQGANConfig, section_from_dict
+
+    pc, vc = prior_meta["model_config"], section_from_dict(VQGANConfig, vqgan_meta["model_config"], "model.vqgan")
+    if int(pc["codebook_size"]) != vc.codebook_size:
+        raise UserError(f"prior {prior_meta['path']} predicts {pc['codebook_size']} codes but VQGAN "
+                        f"{vqgan_meta['path']} has a codebook of {vc.codebook_size}; use the VQGAN the prior was trained with")
+    if [int(s) for s in pc["latent_shape"]] != list(vc.latent_shape):
+        raise UserError(f"prior {prior_meta['path']} makes {list(pc['latent_shape'])} token grids but VQGAN "
+                        f"{vqgan_meta['path']} decodes {list(vc.latent_shape)}; use the VQGAN the prior was trained with")
+
+
+def read_prior_meta(prior: str | Path) -> dict[str, Any]:
+    """A prior checkpoint's meta, refusing checkpoints of another kind."""
+    prior_meta = read_meta(prior)
+    if prior_meta.get("kind") != "prior":
+        raise UserError(f"{prior} is a {prior_meta.get('kind')} checkpoint, not a prior")
+    return prior_meta
+
+
+def resolve_pair(prior_meta: dict[str, Any], vqgan: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The VQGAN that decodes a prior's tokens (its provenance, or `vqgan`), checked to fit: (meta, weights)."""
+    vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan)
+    vq_meta = read_meta(vq_path)
+    check_pair(prior_meta, vq_meta)
+    return vq_meta, vq_weights

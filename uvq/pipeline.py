@@ -109,7 +109,7 @@ class StageContext:
 
 
 def _run_vqgan(ctx: StageContext) -> dict[str, Any]:
-    from uvq.train_vqgan import fit_vqgan
+    from uvq.vqgan.train import fit_vqgan
 
     return fit_vqgan(ctx.cfg, ctx.run / "vqgan", device=ctx.device, resume=ctx.resume, overwrite=not ctx.resume,
                      progress=ctx.progress, argv=ctx.argv)
@@ -117,7 +117,7 @@ def _run_vqgan(ctx: StageContext) -> dict[str, Any]:
 
 def _run_latents(ctx: StageContext) -> dict[str, Any]:
     from uvq.checkpoint import load_model
-    from uvq.latents import encode_dataset
+    from uvq.prior.latents import encode_dataset
     from uvq.runtime import resolve_device
 
     dev = resolve_device(ctx.device)
@@ -133,7 +133,7 @@ def _run_latents(ctx: StageContext) -> dict[str, Any]:
 
 def _run_prior(ctx: StageContext) -> dict[str, Any]:
     from uvq.checkpoint import resolve_checkpoint
-    from uvq.train_prior import fit_prior
+    from uvq.prior.train import fit_prior
 
     return fit_prior(ctx.cfg, ctx.run / "latents", ctx.run / "prior", device=ctx.device, resume=ctx.resume,
                      overwrite=not ctx.resume, vqgan=resolve_checkpoint(ctx.run / "vqgan"), progress=ctx.progress,
@@ -142,7 +142,8 @@ def _run_prior(ctx: StageContext) -> dict[str, Any]:
 
 def _run_samples(ctx: StageContext) -> dict[str, Any]:
     from uvq.checkpoint import resolve_checkpoint
-    from uvq.sampling import sampler_options, write_samples
+    from uvq.sampling.chain import sampler_options
+    from uvq.sampling.outputs import write_samples
 
     sc = ctx.cfg.sample
     return write_samples(ctx.run / "prior", ctx.run / "samples", vqgan=resolve_checkpoint(ctx.run / "vqgan"), n=sc.n,
@@ -153,9 +154,9 @@ def _run_samples(ctx: StageContext) -> dict[str, Any]:
 
 def _run_eval(ctx: StageContext) -> dict[str, Any]:
     try:
-        from uvq.evaluate import SET_METRICS, evaluate_metrics
+        from uvq.evaluation.metrics import SET_METRICS, evaluate_metrics
     except ImportError as exc:
-        raise UserError("the eval stage needs uvq.evaluate.evaluate_metrics, which this uvq lacks; "
+        raise UserError("the eval stage needs uvq.evaluation.metrics.evaluate_metrics, which this uvq lacks; "
                         "set eval.metrics=[] to stop after sampling") from exc
     from uvq.runtime import resolve_device
 

@@ -34,15 +34,15 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*(\.[a-z0-9_\-]+)*\.v\d+$")
 
 # Modules of uvq itself that register components when imported.
 BUILTIN_MODULES = (
-    "uvq.data",
-    "uvq.streams",
-    "uvq.vqgan",
-    "uvq.losses",
-    "uvq.prior",
-    "uvq.absorbing",
-    "uvq.sampling",
-    "uvq.featuresets",
-    "uvq.latents",
+    "uvq.data.sources",
+    "uvq.data.streams",
+    "uvq.vqgan.model",
+    "uvq.vqgan.losses",
+    "uvq.prior.model",
+    "uvq.prior.absorbing",
+    "uvq.sampling.chain",
+    "uvq.evaluation.features",
+    "uvq.prior.latents",
 )
 
 

@@ -1,1 +1,0 @@
-"""Thin Typer commands: each loads its inputs, calls one library function and renders the result."""

@@ -1,0 +1,1 @@
+"""Images in: image sources (folders, webdataset shards, the demo set), streams and splits."""

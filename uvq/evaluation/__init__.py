@@ -1,0 +1,1 @@
+"""Evaluation: feature sets, set metrics (FID/KID/PRDC), reconstruction metrics, nearest neighbours."""

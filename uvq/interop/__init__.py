@@ -1,0 +1,1 @@
+"""Interoperability: foreign checkpoint layouts, the original projects' forward passes, and import."""

@@ -1,0 +1,1 @@
+"""Stage two: the absorbing transformer, the absorbing process, latent shards, and the fit-prior loop."""

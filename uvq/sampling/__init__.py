@@ -1,0 +1,1 @@
+"""Generation: the one unmasking chain and its samplers, the big canvas, inpainting, and outputs."""

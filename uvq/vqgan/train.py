@@ -1,0 +1,444 @@
+"""`fit-vqgan`: training stage one, the VQGAN (method.md section 1; paper sections 3.1 and 3.4).
+
+One visible function, `fit_vqgan`, in the manner of NVlabs/edm's training loop: setup, then the
+loop with the generator (autoencoder) step and the discriminator step written out, then the
+periodic work (log, image grid, checkpoint). It follows the authors' train_vqgan.py:
+
+- two Adam optimisers with torch's default betas (0.9, 0.999) and lr = 4.5e-6 x batch size,
+  the discriminator's at the same lr (times `train.disc_lr_mult`, 1 by default);
+- in each step the autoencoder is updated first, then the discriminator, which sees the
+  reconstruction computed before the autoencoder's update (detached);
+- the generator minimises L1 + w_p LPIPS + codebook terms + lambda * disc_weight * L_GAN with
+  lambda the adaptive weight of Eq. 9 (clamped at `disc_weight_max`, zero before
+  `disc_start_step`); the discriminator is trained with the hinge loss from the step after
+  `disc_start_step` (the authors' `step > disc_start_step`);
+- DiffAugment on every discriminator input (real, fake, and the fake of the generator's term);
+- an EMA of the autoencoder's weights, `ema_beta` every `ema_every` steps.
+
+Distributed data parallel under torchrun: both networks are wrapped in DistributedDataParallel,
+each rank reads its own slice of the data, only rank 0 logs and writes. The discriminator's
+BatchNorm becomes SyncBatchNorm under DDP on CUDA, so that its batch statistics are those of the
+global batch of real (or fake) images, as in a one-GPU run of the same global batch. (PyTorch's
+SyncBatchNorm needs CUDA: CPU runs under gloo keep per-rank statistics.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uvq.checkpoint import load_state_dict, load_trainer_state
+from uvq.config import Config
+from uvq.data.sources import train_batches
+from uvq.ema import EMA
+from uvq.files import MARKER
+from uvq.images import save_grid
+from uvq.progress import ProgressFn, null_progress
+from uvq.registry import registry
+from uvq.rundir import RunDir
+from uvq.runtime import (
+    DistInfo,
+    UserError,
+    amp_context,
+    init_distributed,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from uvq.vqgan.augment import diff_augment, parse_policy
+from uvq.vqgan.losses import adaptive_weight, disc_factor
+from uvq.vqgan.model import build_vqgan
+
+TASK = "fit-vqgan"
+# Logged means, each over the steps of its window that computed it (its counter).
+LOSS_KEYS = {"loss": "n", "l1": "n", "lpips": "n_lpips", "rec": "n", "codebook": "n", "lambda": "n",
+             "g_loss": "n_g", "d_loss": "n_d", "logits_real": "n_d", "logits_fake": "n_d"}
+COUNTERS = ("n", "n_lpips", "n_g", "n_d")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts, through the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parts(cfg: Config) -> tuple[nn.Module, nn.Module, nn.Module, Any, Any]:
+    """(VQGAN, discriminator, L_rec = L1 + w_p LPIPS, codebook terms, hinge GAN losses) of a config."""
+    vqgan = build_vqgan(cfg.model.vqgan)
+    disc = registry.get("discriminators", cfg.model.discriminator.name)(cfg.model.discriminator,
+                                                                        in_channels=cfg.model.vqgan.in_channels)
+    rec_loss = registry.get("losses", "l1_lpips.v1")(cfg.train)
+    vq_loss = registry.get("losses", "vq_codebook.v1")(cfg.train)
+    gan = registry.get("losses", "hinge.v1")(cfg.train)
+    return vqgan, disc, rec_loss, vq_loss, gan
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before anything is written (also `uvq fit-vqgan --dry-run`)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Validate a training run without writing anything: device, output directory, registry names,
+    the networks and losses (LPIPS weights included), the data source. Raises UserError."""
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    _check_out_dir(out, resume=resume, overwrite=overwrite)
+    vqgan, disc, _, _, _ = build_parts(cfg)  # LPIPS weights and registry names checked here
+    parse_policy(cfg.train.diffaug_policy)
+    train_batches(cfg.data, cfg.model.vqgan.img_size, cfg.train.batch_size, seed=cfg.run.seed, rank=0,
+                  world_size=1).close()
+    return {"out_dir": str(out), "device": str(dev), "steps": cfg.train.steps,
+            "vqgan_params": sum(p.numel() for p in vqgan.parameters()),
+            "disc_params": sum(p.numel() for p in disc.parameters()),
+            "resume": bool(resume and (out / "checkpoints" / "last").exists())}
+
+
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """uvq.files.prepare_out_dir's rules, read-only (every rank may call it; nothing is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run path {out} exists and is not a directory; choose another --out")
+    contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
+    ours = (out / MARKER).exists()
+    if contents and not overwrite and not (resume and ours):
+        hint = "pass --resume to continue it or --overwrite to replace it" if ours else "pass --overwrite to replace its contents"
+        raise UserError(f"run directory {out} is not empty; {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
+              overwrite: bool = False, progress: ProgressFn | None = None, argv: list[str] | None = None,
+              max_steps: int | None = None) -> dict[str, Any]:
+    """Train the VQGAN of `cfg` into the run directory `out_dir` and return a summary.
+
+    Args:
+        cfg: the resolved config; `model.vqgan`, `model.discriminator`, `train`, `data`, `run`.
+        out_dir: the run directory (uvq.rundir): config, command, env, metrics, images/, checkpoints/.
+        device: "auto", "cpu", "cuda" or "cuda:N" (LOCAL_RANK under torchrun).
+        resume: continue `out_dir` from its last checkpoint exactly (weights, both optimisers,
+            discriminator, EMA, GradScalers, RNG states and data position of every rank).
+        overwrite: replace the contents of a non-empty `out_dir`.
+        progress: callback for progress events (uvq.progress); only rank 0 sends any.
+        argv: the command line, recorded in command.txt.
+        max_steps: stop after this many steps of this call (a checkpoint is written), e.g. to
+            fit a time limit; None trains to `train.steps`.
+
+    Returns: steps, images/s, final losses, code usage and perplexity, bad images skipped, the
+    last checkpoint and the last reconstruction grid.
+    """
+    tc, rc, vc = cfg.train, cfg.run, cfg.model.vqgan
+
+    # Setup: device, process group, seeds.
+    dev = resolve_device(device)
+    dist = init_distributed(dev)
+    progress = (progress or null_progress) if dist.is_main else null_progress
+    cuda = dev.type == "cuda"
+    precision = tc.precision if cuda else "fp32"  # the CPU always trains in fp32 (exact resume)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (as the authors)
+    _check_out_dir(Path(out_dir), resume=resume, overwrite=overwrite)  # fail fast, before any building
+    seed_everything(rc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+
+    # The networks and losses, built before anything is written (a missing LPIPS file fails here).
+    memory_format = torch.channels_last if cuda and tc.channels_last else torch.contiguous_format
+    vqgan, disc, rec_loss, vq_loss, gan = build_parts(cfg)
+    vqgan = vqgan.to(dev, memory_format=memory_format).train()
+    if dist.enabled and cuda:
+        # One BatchNorm over the global batch: a 2-GPU run then matches a 1-GPU run of twice the batch.
+        # (PyTorch's SyncBatchNorm runs on CUDA only; CPU/gloo runs keep per-rank batch statistics,
+        # and DDP broadcasts rank 0's running statistics.)
+        disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+    disc = disc.to(dev, memory_format=memory_format).train()
+    rec_loss = rec_loss.to(dev, memory_format=memory_format).train()
+    aug_gen = torch.Generator(device=dev).manual_seed(rc.seed * 7919 + dist.rank)
+    augment = functools.partial(diff_augment, policy=tc.diffaug_policy, generator=aug_gen)
+    ema = EMA(vqgan, beta=tc.ema_beta, every=tc.ema_every, start=tc.ema_start) if tc.ema else None
+
+    # Two Adam optimisers, written out (the authors': default betas, the same lr for both).
+    lr = tc.learning_rate * (dist.world_size if tc.lr is None else 1)  # 4.5e-6 x the global batch
+    fused = True if cuda else None  # one kernel per step for all parameters on CUDA
+    opt_ae = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=tuple(tc.betas), fused=fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr * tc.disc_lr_mult, betas=tuple(tc.betas), fused=fused)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    d_scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    # Data: this rank's slice of an endless, resumable stream of [B,3,H,W] images in [0,1].
+    batches = train_batches(cfg.data, vc.img_size, tc.batch_size, seed=rc.seed, rank=dist.rank,
+                            world_size=dist.world_size, progress=progress)
+
+    # The run directory (rank 0 writes; every rank agrees on errors).
+    run, changed = RunDir.open(out_dir, cfg.to_dict(), argv=argv, device=dev, dist=dist, resume=resume,
+                               overwrite=overwrite)
+    if changed:
+        progress({"event": "log", "message": f"resuming with a changed config: {', '.join(changed[:8])}"})
+
+    # Window sums for logging (device tensors: no host sync until a log step).
+    def empty_window() -> dict[str, torch.Tensor]:
+        w = {k: torch.zeros((), device=dev, dtype=torch.float64) for k in (*LOSS_KEYS, *COUNTERS)}
+        w["codes"] = torch.zeros(vc.codebook_size, device=dev, dtype=torch.float64)
+        return w
+
+    window = empty_window()
+    step = 0
+
+    # Resume: every piece of state, per rank, from the last checkpoint.
+    if resume and (last := run.resume_point(dist)) is not None:
+        state = load_trainer_state(last)
+        if len(state["ranks"]) != dist.world_size:
+            raise UserError(f"{last} was written by {len(state['ranks'])} processes; resume with the same number "
+                            f"(this run has {dist.world_size})")
+        vqgan.load_state_dict(load_state_dict(last, "model")[0])
+        disc.load_state_dict(state["disc"])
+        opt_ae.load_state_dict(state["opt_ae"])
+        opt_d.load_state_dict(state["opt_d"])
+        scaler.load_state_dict(state["scaler"])
+        d_scaler.load_state_dict(state["d_scaler"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise UserError(f"{last} was trained without EMA; resume with train.ema=false")
+            ema.load_state_dict(state["ema"], weights=load_state_dict(last, "ema")[0])
+        step = int(state["step"])
+        mine = state["ranks"][dist.rank]
+        batches.load_state_dict(mine["data"])
+        aug_gen.set_state(mine["aug_rng"].to(aug_gen.get_state().device))
+        set_rng_state(mine["rng"])
+        window = {k: v.to(dev) for k, v in mine["window"].items()}
+        run.truncate_metrics(step)
+        progress({"event": "log", "message": f"resumed {run.path} at step {step} from {last.name}"})
+
+    ae_net, d_net = vqgan, disc
+    if dist.enabled:
+        ids = [dev.index] if cuda else None
+        # The likelihood head (off when training) gets no gradient: tell DDP not to wait for it.
+        ae_net = nn.parallel.DistributedDataParallel(vqgan, device_ids=ids, find_unused_parameters=vc.likelihood_head)
+        d_net = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+
+    def trainer_state() -> dict[str, Any]:
+        """Resumable state; a collective under torchrun (each rank's RNG, data position, window)."""
+        mine = {"data": batches.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "rng": rng_state(),
+                "window": {k: v.detach().cpu() for k, v in window.items()}}
+        ranks = [mine]
+        if dist.enabled:
+            import torch.distributed as tdist
+
+            # Each rank's digest of its replicas' parameters: DDP must have kept them identical.
+            mine["replica"] = {"vqgan": _digest(vqgan), "disc": _digest(disc)}
+            ranks = [None] * dist.world_size
+            tdist.all_gather_object(ranks, mine)
+            if any(r["replica"] != ranks[0]["replica"] for r in ranks):
+                progress({"event": "warn", "message": f"step {step}: the ranks' weights differ (DDP desynchronised); "
+                                                      "the checkpoint holds rank 0's"})
+        return {"step": step, "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
+                "disc": {k: v.detach().cpu() for k, v in disc.state_dict().items()},
+                "ema": ema.state_dict(weights=False) if ema is not None else None,
+                "scaler": scaler.state_dict(), "d_scaler": d_scaler.state_dict(), "ranks": ranks}
+
+    provenance = {"data_source": cfg.data.source, "data": dataclasses.asdict(cfg.data), "seed": rc.seed,
+                  "world_size": dist.world_size, "batch_size_per_rank": tc.batch_size,
+                  "trained_by": f"uvq {TASK}"}
+
+    def save(step_now: int) -> Path | None:
+        state = trainer_state()  # every rank takes part
+        weights: dict[str, Any] = {"model": vqgan} | ({"ema": ema.model} if ema is not None else {})
+        return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="vqgan",
+                                   model_config=dataclasses.asdict(vc), weights=weights, config=cfg.to_dict(),
+                                   provenance={**provenance, "images_seen": step_now * tc.batch_size * dist.world_size},
+                                   trainer_state=state)
+
+    def grid(x: torch.Tensor, xrec: torch.Tensor, step_now: int) -> Path | None:
+        """Inputs, reconstructions (and EMA reconstructions) in rows; rank 0 only."""
+        if not dist.is_main:
+            return None
+        n = min(8, x.shape[0])
+        rows = [x[:n].float(), xrec[:n].detach().float().clamp(0, 1)]
+        if ema is not None:
+            with torch.no_grad(), amp_context(dev, precision):
+                rows.append(ema.model(x[:n])[0].float().clamp(0, 1))
+        upscale = max(1, 128 // vc.img_size)
+        return save_grid(torch.cat(rows), run.image_path("recon", step_now), nrow=n, upscale=upscale)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+    target = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
+    images_per_step = tc.batch_size * dist.world_size
+    progress({"event": "start", "task": TASK, "total": tc.steps, "unit": "step", "completed": step})
+    logged: dict[str, Any] = {}
+    last_ckpt: Path | None = None
+    last_grid: Path | None = None
+    t_start = t_window = t_event = time.time()
+    steps_run = steps_window = pending = 0
+    while step < target:
+        x = next(batches)["image"].to(dev, non_blocking=True).contiguous(memory_format=memory_format)  # [B,3,H,W]
+        # `step` counts the steps done, i.e. the authors' 0-based step index: lambda is on from
+        # disc_start_step (their adopt_weight), D learns from the step after (their `step > disc_start_step`).
+        gan_on = disc_factor(step, tc.disc_start_step) > 0
+        train_d = step > tc.disc_start_step
+
+        # Generator step: L = L_rec + codebook terms + lambda * disc_weight * L_GAN (Eq. 5, Eq. 9).
+        disc.requires_grad_(False)  # the GAN term's gradient must reach the decoder only
+        with amp_context(dev, precision):
+            xrec, codes, qinfo = ae_net(x)  # [B,3,H,W], [B,h,w]
+            rec, parts = rec_loss(x, xrec)  # l1_weight |x - x_hat|_1 + w_p LPIPS, batch means
+            cb = vq_loss(qinfo)  # codebook_weight * (codebook + commitment terms, beta placed per recipe)
+            g_loss = gan.g_loss(disc(augment(xrec))) if gan_on else None  # -mean D(aug(x_hat))
+        if gan_on:
+            # lambda = min(|grad_GL L_rec| / (|grad_GL L_GAN| + delta), lambda_max): local autograd.grad,
+            # which DDP's gradient hooks do not see (they fire on the backward below only).
+            lam = adaptive_weight(rec.float(), g_loss.float(), vqgan.last_layer, lambda_max=tc.disc_weight_max)
+            loss = rec + cb + tc.disc_weight * lam * g_loss
+        else:
+            lam = torch.zeros((), device=dev)
+            loss = rec + cb
+        opt_ae.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tc.grad_clip is not None:
+            scaler.unscale_(opt_ae)
+            nn.utils.clip_grad_norm_(vqgan.parameters(), tc.grad_clip)
+        scaler.step(opt_ae)
+        scaler.update()
+
+        # Discriminator step: hinge loss on augmented real and (detached) fake images.
+        if train_d:
+            disc.requires_grad_(True)
+            with amp_context(dev, precision):
+                logits_real = d_net(augment(x))
+                logits_fake = d_net(augment(xrec.detach()))
+                d_loss = gan.d_loss(logits_real, logits_fake)  # 0.5 (mean relu(1-real) + mean relu(1+fake))
+            opt_d.zero_grad(set_to_none=True)
+            d_scaler.scale(d_loss).backward()
+            if tc.grad_clip is not None:
+                d_scaler.unscale_(opt_d)
+                nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
+            d_scaler.step(opt_d)
+            d_scaler.update()
+
+        step += 1
+        steps_run += 1
+        steps_window += 1
+        pending += 1
+        if ema is not None:
+            ema.update(vqgan, step)
+
+        # Bookkeeping: window sums stay on the device; code histogram for usage and perplexity.
+        with torch.no_grad():
+            window["loss"] += loss.detach().double()
+            window["l1"] += parts["l1"].double()
+            if "perceptual" in parts:
+                window["lpips"] += parts["perceptual"].double()
+                window["n_lpips"] += 1
+            window["rec"] += rec.detach().double()
+            window["codebook"] += cb.detach().double()
+            window["lambda"] += lam.detach().double()
+            window["n"] += 1
+            if g_loss is not None:
+                window["g_loss"] += g_loss.detach().double()
+                window["n_g"] += 1
+            if train_d:
+                window["d_loss"] += d_loss.detach().double()
+                window["logits_real"] += logits_real.detach().float().mean().double()
+                window["logits_fake"] += logits_fake.detach().float().mean().double()
+                window["n_d"] += 1
+            window["codes"] += torch.bincount(codes.reshape(-1), minlength=vc.codebook_size).double()
+
+        # Periodic work: log, image grid, checkpoint.
+        final = step == target
+        if step % rc.log_every == 0 or final:
+            logged = _reduce_window(window, dist)
+            elapsed = max(time.time() - t_window, 1e-9)
+            logged["images_per_s"] = steps_window * images_per_step / elapsed
+            logged["lr"] = opt_ae.param_groups[0]["lr"]
+            bad = _bad_images(batches, dist)
+            logged["bad_images"] = bad
+            run.log_metrics(step, logged)
+            window = empty_window()
+            t_window, steps_window = time.time(), 0
+        if step % rc.image_every == 0 or final:
+            last_grid = grid(x, xrec, step) or last_grid
+        if step % rc.ckpt_every == 0 or final:
+            last_ckpt = save(step) or last_ckpt
+        now = time.time()
+        if now - t_event >= 0.5 or final or step % rc.log_every == 0:
+            shown = {k: logged[k] for k in ("l1", "lpips", "d_loss", "usage", "images_per_s") if k in logged}
+            progress({"event": "advance", "task": TASK, "n": pending, "metrics": shown})
+            pending, t_event = 0, now
+
+    elapsed = max(time.time() - t_start, 1e-9)
+    summary = {
+        "out_dir": str(run.path), "steps": step, "steps_this_run": steps_run,
+        "images_per_s": steps_run * images_per_step / elapsed, "steps_per_s": steps_run / elapsed,
+        "seconds": elapsed, "world_size": dist.world_size, "rank": dist.rank, "device": str(dev),
+        "precision": precision,
+        "final": {k: logged[k] for k in LOSS_KEYS if k in logged},
+        "code_usage": logged.get("usage"), "perplexity": logged.get("perplexity"),
+        "bad_images": _bad_images(batches, dist),
+        "last_checkpoint": str(last_ckpt or run.last_checkpoint() or ""),
+        "last_grid": str(last_grid or ""),
+    }
+    progress({"event": "end", "task": TASK, "metrics": {k: summary["final"][k] for k in ("l1", "d_loss")
+                                                          if k in summary["final"]}})
+    run.close()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the periodic work
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce_window(window: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, Any]:
+    """Means over the window's steps and over ranks; code usage and perplexity of the window."""
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        names = (*LOSS_KEYS, *COUNTERS)
+        packed = torch.cat([torch.stack([window[k] for k in names]), window["codes"]])
+        tdist.all_reduce(packed)
+        window = dict(zip(names, packed[:len(names)], strict=True)) | {"codes": packed[len(names):]}
+    out: dict[str, Any] = {}
+    for k, counter in LOSS_KEYS.items():
+        if float(window[counter]) > 0:
+            out[k] = float(window[k]) / float(window[counter])
+    counts = window["codes"]
+    total = float(counts.sum())
+    if total > 0:
+        p = counts / total
+        out["usage"] = float((counts > 0).double().mean())
+        out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
+    return out
+
+
+def _digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters (not buffers: BatchNorm running statistics are per rank on CPU)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _bad_images(batches: Any, dist: DistInfo) -> int:
+    """Unreadable images skipped so far, summed over ranks."""
+    bad = batches.stats.skipped  # the stream warns about each one through `progress` as it skips it
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        t = torch.tensor([bad], dtype=torch.int64)
+        if tdist.get_backend() == "nccl":
+            t = t.cuda()
+        tdist.all_reduce(t)
+        bad = int(t.item())
+    return bad
+
