@@ -13,7 +13,7 @@ and prints their ratio and the images/s that follow for a chain of --steps steps
 large reveals tokens at every step, so every step costs one prediction; the mixture's per-step cost
 is largest at the start, when every window holds a mask, which is what is timed). With
 --full-chain (default on CUDA) it also runs uvq's whole chain on the 32x32 canvas at stride 1, the
-anchor figure: the authors' code takes 1076 s per 512x512 image on an H200 (shared/anchors.md);
+anchor figure: the authors' code takes 1076 s per 512x512 image on an H200 (docs/performance.md);
 the goal is under 10 s with 256 steps or fewer.
 """
 

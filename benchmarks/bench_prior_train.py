@@ -13,7 +13,7 @@ its own process so that its peak memory is its own.
 
 On CUDA uvq runs under bf16 autocast (the training default) and the reference in fp32 and bf16
 autocast; the paper-size row is compared with the authors' 258k tokens/s (bf16 autocast, batch
-128, H200; /work/shared/anchors.md). Absolute figures are only comparable on the same machine.
+128, H200; docs/performance.md). Absolute figures are only comparable on the same machine.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-# The authors' code, timed on an H200 (anchors.md): bf16 autocast, batch 128.
+# The authors' code, timed on an H200 (docs/performance.md): bf16 autocast, batch 128.
 ANCHOR_TOKENS_PER_S = 258_000
 
 SIZES = {

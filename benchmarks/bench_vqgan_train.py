@@ -15,7 +15,7 @@ TORCH_HOME and loaded through the same path.
     python benchmarks/bench_vqgan_train.py --quick            # a smoke run (demo size, few steps)
     python benchmarks/bench_vqgan_train.py --device cuda      # fp32 b4, bf16 b4, bf16 b16, fp16 b16
 
-On CUDA the rows are compared with the authors' code on an H200 (/work/shared/anchors.md):
+On CUDA the rows are compared with the authors' code on an H200 (docs/performance.md):
 55 images/s in fp32 at batch 4 and 81 images/s under fp16 autocast at batch 16. uvq uses bf16
 autocast, channels_last and fused Adam there (the training defaults). Absolute figures are only
 comparable on the same machine; the CPU figures below depend on how busy the machine is.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# The authors' code on one H200 (anchors.md), images/s of a full G + D iteration at 256x256, by
+# The authors' code on one H200 (docs/performance.md), images/s of a full G + D iteration at 256x256, by
 # batch size: fp32 at batch 4, fp16 autocast at batch 16. The goal is 2x at the same batch.
 ANCHORS = {4: ("fp32", 55.0), 16: ("fp16", 81.0)}
 # Sizes are recipes: "paper" = recipes/ffhq.yaml (256x256, nf 128, ch_mult [1,1,2,2,4], 1024 x 256

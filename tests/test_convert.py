@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from uvq.interop import convert, layouts, reference
 from uvq.checkpoint import build_model, load_model, load_state_dict, read_meta
 from uvq.config import VQGANConfig, load_config
 from uvq.files import sha256_file
+from uvq.interop import convert, layouts, reference
 from uvq.runtime import UserError
 
 REL = 1e-5

@@ -26,11 +26,11 @@ from uvq.evaluation.features import (
 from uvq.evaluation.metrics import (
     compute_prdc,
     evaluate_metrics,
-    evaluate_reconstruction,
     frechet_distance,
     kernel_inception_distance,
     write_report,
 )
+from uvq.evaluation.reconstruction import evaluate_reconstruction
 from uvq.runtime import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def test_cli_fid_with_inception_weights(tmp_path, uvq_cli, inception_weights):
 
 
 def test_eval_config_replace():
-    from uvq.evaluation.metrics import replace_eval
+    from uvq.evaluation.reconstruction import replace_eval
 
     cfg = replace_eval(EvalConfig(), k=3, batch_size=None)
     assert cfg.k == 3 and cfg.batch_size == EvalConfig().batch_size

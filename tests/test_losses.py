@@ -17,9 +17,9 @@ import torchvision
 from uvq.config import DiscriminatorConfig, VQGANTrainConfig
 from uvq.registry import registry
 from uvq.runtime import UserError
+from uvq.vqgan.discriminator import PatchDiscriminator
 from uvq.vqgan.losses import (
     CodebookLoss,
-    PatchDiscriminator,
     Perceptual,
     ReconstructionLoss,
     adaptive_weight,

@@ -49,7 +49,7 @@ def test_paper_preset_has_76_8m_parameters():
 
 
 def test_paper_forward_flops_match_the_anchor():
-    # anchors.md: one forward pass over 256 tokens costs 42.1 GFLOP.
+    # docs/performance.md: one forward pass over 256 tokens costs 42.1 GFLOP.
     assert flops_per_token(512, 24, 256, 1024) * 256 / 1e9 == pytest.approx(42.1, abs=0.05)
 
 

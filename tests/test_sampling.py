@@ -491,7 +491,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_benchmark_reference_network_matches_the_prior(prior):
-    from uvq.cli.bench import reference_from
+    from uvq.bench import reference_from
 
     ref = reference_from(prior, n_head=2).eval()
     x = torch.randint(0, K + 1, (3, N))
@@ -500,7 +500,7 @@ def test_benchmark_reference_network_matches_the_prior(prior):
 
 
 def test_benchmark_runs_and_reports_ratios():
-    from uvq.cli.bench import bench_sampling, format_table
+    from uvq.bench import bench_sampling, format_table
 
     result = bench_sampling(device="cpu", sizes=["demo"], steps=[4], batch=2, ref_steps=2)
     (row,) = result["rows"]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from uvq.checkpoint import write_checkpoint_dir
 from uvq.config import load_config
 from uvq.prior.latents import write_latents
-from uvq.prior.train import evaluate_elbo, fit_prior
+from uvq.prior.likelihood import evaluate_elbo
+from uvq.prior.train import fit_prior
 from uvq.runtime import UserError
 
 K, N_PATTERNS = 16, 8
@@ -71,7 +72,7 @@ def evaluate_untrained(cfg, latents):
     model, process = _build(cfg, torch.device("cpu"))
     assert registry.get("priors", cfg.model.prior.name)
     from uvq.prior.latents import read_manifest
-    from uvq.prior.train import elbo_per_image
+    from uvq.prior.likelihood import elbo_per_image
 
     return elbo_per_image(model.eval(), process, read_manifest(latents), estimator="mc", draws=4)["mean"]
 

@@ -1,4 +1,4 @@
-"""uvq.vqgan.model: the stage-one network (method.md section 1).
+"""uvq.vqgan.model: the stage-one network (docs/method.md section 1).
 
 The strongest checks run the reference projects' own recorded computations: the shared fixtures
 hold small random checkpoints of the authors' VQGAN and of taming-transformers' VQModel with
@@ -231,7 +231,7 @@ def test_paper_config_shapes(paper_vqgan):
 
 
 def test_paper_decoder_size_matches_the_authors_35_2m(paper_vqgan):
-    """The authors' Generator holds 35.2M parameters (anchors.md): ours plus the likelihood head and
+    """The authors' Generator holds 35.2M parameters (docs/performance.md): ours plus the likelihood head and
     the never-used same-width shortcut convs that their ResBlock always creates."""
     _, sizes = paper_vqgan
     authors = sizes["decoder"] + sizes["unused"]

@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "uvq.data.streams",
     "uvq.vqgan.model",
     "uvq.vqgan.losses",
+    "uvq.vqgan.discriminator",
     "uvq.prior.model",
     "uvq.prior.absorbing",
     "uvq.sampling.chain",

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Negative ELBO in bits per token for each image of a split (CSV), with mean and standard error."""
         from uvq.files import atomic_write_json, atomic_write_text, prepare_out_dir
-        from uvq.prior.train import evaluate_elbo
+        from uvq.prior.likelihood import evaluate_elbo
         from uvq.runtime import UserError, shutdown_distributed
 
         apply_local(json_flag, debug)

@@ -30,7 +30,7 @@ CacheOpt = typer.Option(None, "--cache-dir", help="Feature cache (default: $UVQ_
 
 def _eval_config(recipe: str | None, **changes):
     from uvq.config import EvalConfig, load_config
-    from uvq.evaluation.metrics import replace_eval
+    from uvq.evaluation.reconstruction import replace_eval
 
     cfg = load_config(recipe).eval if recipe else EvalConfig()
     cfg = replace_eval(cfg, **changes)
@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
               json_flag: bool = JsonOpt, debug: bool = DebugOpt) -> None:
         """PSNR, LPIPS, reconstruction FID and codebook usage of a VQGAN, with a grid of originals and reconstructions."""
         from uvq.checkpoint import resolve_checkpoint
-        from uvq.evaluation.metrics import evaluate_vqgan, write_report
+        from uvq.evaluation.metrics import write_report
+        from uvq.evaluation.reconstruction import evaluate_vqgan
         from uvq.runtime import resolve_device
 
         apply_local(json_flag, debug)

@@ -4,7 +4,7 @@ A plain object in the style of guided-diffusion's GaussianDiffusion and diffuser
 owns the forward process q(x_t | x_0), the choice of time step, the loss weights and the ELBO,
 and calls a network only through `model_fn(x_t: LongTensor[B,N]) -> logits[B,N,K]`.
 
-Notation (method.md): N tokens per image, K codes, mask id m = K, T diffusion steps (T = N by
+Notation (docs/method.md): N tokens per image, K codes, mask id m = K, T diffusion steps (T = N by
 default), CE(t) = sum over masked positions i of -log p_theta(x_0^i | x_t), in nats.
 
 All figures that leave this module are in bits: per token (divided by N ln 2) for the ELBO and

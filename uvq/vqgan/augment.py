@@ -1,6 +1,6 @@
 """DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN Training").
 
-method.md section 1: every input of the discriminator, real and fake (the fake image in the
+docs/method.md section 1: every input of the discriminator, real and fake (the fake image in the
 generator's GAN term included), goes through the same kind of random, differentiable
 augmentation. Policy "color,translation" (the paper's); ",cutout" is optional. Images are in
 [0,1], NCHW; outputs are not clamped (brightness may leave [0,1], as in Zhao et al.).

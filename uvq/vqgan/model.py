@@ -1,4 +1,4 @@
-"""Stage one: the VQGAN autoencoder (method.md section 1; paper sections 3.1 and 3.4).
+"""Stage one: the VQGAN autoencoder (docs/method.md section 1; paper sections 3.1 and 3.4).
 
 An encoder E maps an image x in [0,1]^{3xHxW} to a grid of vectors E(x) in R^{Dxhxw}; a quantizer
 replaces each vector by its nearest codebook entry e_k; a decoder G maps the quantized grid back

@@ -1,4 +1,4 @@
-"""`fit-vqgan`: training stage one, the VQGAN (method.md section 1; paper sections 3.1 and 3.4).
+"""`fit-vqgan`: training stage one, the VQGAN (docs/method.md section 1; paper sections 3.1 and 3.4).
 
 One visible function, `fit_vqgan`, in the manner of NVlabs/edm's training loop: setup, then the
 loop with the generator (autoencoder) step and the discriminator step written out, then the

@@ -1,0 +1,130 @@
+"""Likelihoods of the absorbing prior: the ELBO of a split (Eq. 6) per image in bits per token.
+
+Used by the validation of `fit-prior` and by `uvq eval elbo` (`evaluate_elbo`); see docs/method.md section 6.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uvq.checkpoint import (
+    resolve_checkpoint,
+)
+from uvq.prior.latents import check_tokenizer, iterate_latents, read_manifest
+from uvq.progress import ProgressFn, null_progress
+from uvq.runtime import (
+    UserError,
+    amp_context,
+    init_distributed,
+    resolve_device,
+)
+
+VAL_SEED = 1234567  # the validation generator's seed: the same masks at every evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# The ELBO of a split (Eq. 6), per image in bits per token: validation and `uvq eval elbo`
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *, split: str = "val",
+                   estimator: str = "mc", draws: int = 16, batch_size: int = 64, max_samples: int | None = None,
+                   seed: int = VAL_SEED, device: torch.device | str = "cpu", precision: str = "fp32",
+                   rank: int = 0, world_size: int = 1, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Negative ELBO of every image of a split, in bits per token, with its estimator's standard error.
+
+    estimator "full": the sum over all t = 1..T with one masking draw per t (the authors' code);
+    "mc": `draws` single-t draws t ~ U{1..T}, each T/t * CE_masked(t) (Eq. 6's one-sample
+    estimate), averaged. Both are unbiased for the same bound. The generator is seeded with
+    `seed`, so repeated evaluations see the same masks and are comparable.
+    Returns keys, per-image values and standard errors (NaN for "full"), their mean over images
+    and the standard error of that mean (the spread over images).
+    """
+    progress = progress or null_progress
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed + rank)
+    keys: list[str] = []
+    values: list[torch.Tensor] = []
+    errors: list[torch.Tensor] = []
+    task = f"elbo {split}"
+    progress({"event": "start", "task": task, "total": max_samples, "unit": "img"})
+    for batch in iterate_latents(manifest, split, batch_size=batch_size, rank=rank, world_size=world_size,
+                                 max_samples=max_samples):
+        x0 = batch["codes"].flatten(1).to(device)  # [B, N]
+        with amp_context(device, precision):
+            if estimator == "full":
+                v = process.elbo_full_sum(model, x0, generator=generator)  # [B] bits/token
+                e = torch.full_like(v, float("nan"))
+            elif estimator == "mc":
+                v, e = process.elbo_monte_carlo(model, x0, n_draws=draws, generator=generator)  # [B], [B]
+            else:
+                raise UserError(f"estimator must be full or mc, not {estimator!r}")
+        keys += batch["key"]
+        values.append(v.float().cpu())
+        errors.append(e.float().cpu())
+        progress({"event": "advance", "task": task, "n": len(batch["key"]),
+                  "metrics": {"bits_per_token": float(torch.cat(values).mean())}})
+    values_t = torch.cat(values) if values else torch.zeros(0)
+    errors_t = torch.cat(errors) if errors else torch.zeros(0)
+    if world_size > 1:  # gather every rank's images (evaluation sets are small)
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (keys, values_t, errors_t))
+        keys = [k for g in gathered for k in g[0]]
+        values_t = torch.cat([g[1] for g in gathered])
+        errors_t = torch.cat([g[2] for g in gathered])
+    n = len(values_t)
+    mean = float(values_t.mean()) if n else float("nan")
+    stderr = float(values_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    progress({"event": "end", "task": task, "metrics": {"bits_per_token": mean, "stderr": stderr}})
+    return {"keys": keys, "bits_per_token": values_t, "stderr": errors_t, "mean": mean, "mean_stderr": stderr,
+            "num_images": n, "estimator": estimator, "draws": draws if estimator == "mc" else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# `uvq eval elbo`
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "val", estimator: str = "full",
+                  draws: int = 16, batch_size: int = 64, seed: int = 0, max_samples: int | None = None,
+                  weights: str = "default", device: str = "auto", progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Per-image negative ELBO (bits/token) of a split under a prior checkpoint, with provenance."""
+    from uvq.checkpoint import load_model
+
+    dev = resolve_device(device)
+    dist = init_distributed(dev)
+    ckpt = resolve_checkpoint(prior)
+    model, meta = load_model(ckpt, "prior", weights=weights, device=dev)
+    manifest = read_manifest(latents_dir)
+    pc = meta["model_config"]
+    check_tokenizer(manifest, codebook_size=pc["codebook_size"], latent_shape=pc["latent_shape"],
+                    against=f"prior {ckpt}")
+    trained_on = (meta.get("provenance") or {}).get("tokenizer")
+    if trained_on and manifest.get("tokenizer") and trained_on.get("sha256") != manifest["tokenizer"].get("sha256"):
+        raise UserError(f"tokenizer sha256 differs: prior {ckpt} was trained on codes of VQGAN "
+                        f"{trained_on.get('sha256', '')[:12]}, but latents {latents_dir} come from "
+                        f"{manifest['tokenizer'].get('sha256', '')[:12]}; its likelihood of other codes means nothing")
+    from uvq.config import PriorConfig, PriorTrainConfig, section_from_dict
+    from uvq.prior.absorbing import AbsorbingDiffusion
+
+    pcfg = section_from_dict(PriorConfig, pc, "model.prior")
+    tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
+    process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
+                                 T=tcfg.T if tcfg.T is not None else pcfg.n_tokens, masking=tcfg.masking,
+                                 time_sampling="uniform")
+    result = elbo_per_image(model, process, manifest, split=split, estimator=estimator, draws=draws,
+                            batch_size=batch_size, max_samples=max_samples, seed=seed, device=dev,
+                            precision="fp32", rank=dist.rank, world_size=dist.world_size, progress=progress)
+    result.update({"prior": str(ckpt), "weights": meta.get("default_weights") if weights == "default" else weights,
+                   "prior_step": meta.get("step"), "latents": str(latents_dir), "split": split, "seed": seed,
+                   "T": process.T, "masking": tcfg.masking, "tokenizer": manifest.get("tokenizer") and
+                   manifest["tokenizer"].get("sha256"), "rank": dist.rank,
+                   "log2_codebook": math.log2(pcfg.codebook_size)})
+    return result
