@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"  # see tests/fixtures/README.md
 
 # Keep CPU tests deterministic and polite on small machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,8 +23,10 @@ def repo() -> Path:
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"the shared fixtures are not at {FIXTURES}")
+    """The parity fixtures; a missing one fails the test instead of skipping it."""
+    for sub in ("official", "taming"):
+        if not (FIXTURES / sub).is_dir():
+            pytest.fail(f"parity fixtures missing: {FIXTURES / sub} (see tests/fixtures/README.md)")
     return FIXTURES
 
 

@@ -1,6 +1,6 @@
 """`uvq import`: the authors' and taming's checkpoints reproduce their own codes' outputs in uvq.
 
-The fixtures (../shared/fixtures) were made by running the original projects' code; the
+The fixtures (tests/fixtures, see its README) were made by running the original projects' code; the
 importer must reproduce what that code computed, to a relative error of 1e-5 (codes exactly).
 """
 
@@ -22,7 +22,7 @@ from uvq.interop import convert, layouts, reference
 from uvq.runtime import UserError
 
 REL = 1e-5
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "official"
 TAMING = FIXTURES / "taming"
 
@@ -33,8 +33,12 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _need_fixtures() -> None:
-    if not (OFFICIAL / "vqgan_ema_small.th").is_file() or not (TAMING / "taming_vqgan_small.ckpt").is_file():
-        pytest.skip(f"the shared checkpoint fixtures are not at {FIXTURES} (see ../shared/fixtures/README.md)")
+    names = ("vqgan_ema_small.th", "vqgan_io_small.pt", "absorbing_ema_small.th", "absorbing_io_small.pt",
+             "official_small.json")
+    for path in [OFFICIAL / n for n in names] + [TAMING / n for n in ("taming_vqgan_small.ckpt", "taming_io_small.pt",
+                                                                      "taming_small.json")]:
+        if not path.is_file():
+            pytest.fail(f"parity fixture missing: {path} (see tests/fixtures/README.md)")
 
 
 def _load(path: Path):
