@@ -1,4 +1,4 @@
-"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""nox sessions: `nox -s tests`, `nox -s lint`, `nox -s faults`, `nox -s demo`, `nox -s bench`."""
 
 import nox
 
@@ -10,6 +10,14 @@ def tests(session: nox.Session) -> None:
     """The test suite (the same command as the README's)."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "pytest", "-n", "2", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The whole fault-injection suite (tests/faults; docs/reliability.md). UVQ_FAULTS_SEED picks the moments."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "tests/faults", "-m", "not slow and not gpu", "-p", "no:randomly",
+                *session.posargs)
 
 
 @nox.session

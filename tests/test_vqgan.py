@@ -1,6 +1,6 @@
 """uvq.vqgan.model: the stage-one network (docs/method.md section 1).
 
-The strongest checks run the reference projects' own recorded computations: the shared fixtures
+The strongest checks run the reference projects' own recorded computations: the parity fixtures
 hold small random checkpoints of the authors' VQGAN and of taming-transformers' VQModel with
 their inputs and outputs. Mapping their keys onto our modules (renames only, plus dropping the
 authors' never-used shortcut convs) must reproduce codes and images.
@@ -27,7 +27,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference computations (shared fixtures)
+# The reference computations (tests/fixtures, made with the original projects' code)
 # ---------------------------------------------------------------------------------------------
 
 
