@@ -6,6 +6,8 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from uvq.checkpoint import write_checkpoint_dir
 from uvq.config import load_config
 from uvq.prior.latents import write_latents
 from uvq.prior.likelihood import evaluate_elbo
-from uvq.prior.train import fit_prior
+from uvq.prior.train import check_fit_prior, fit_prior
 from uvq.runtime import UserError
 
 K, N_PATTERNS = 16, 8
@@ -152,3 +154,94 @@ def test_eval_elbo_cli_writes_csv_and_json(tmp_path, patterns, uvq_cli):
     # The library call with the full-sum estimator agrees within the errors (both estimate one bound).
     full = evaluate_elbo(tmp_path / "run", patterns, estimator="full", device="cpu")
     assert abs(full["mean"] - report["mean"]) < 4 * math.hypot(full["mean_stderr"], report["mean_stderr"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume of the logged losses; metrics.jsonl never holds a step twice (issue 11, finding 7)
+# ---------------------------------------------------------------------------------------------
+
+# Checkpoints every 6 steps and logs every 4: the resume at step 10 lands inside a logging window.
+RESUME = [*TINY, "prior_train.steps=16", "prior_train.val_every=8", "run.ckpt_every=6", "run.log_every=4"]
+
+
+def _losses(run):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, patterns):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    fit_prior(load_config(None, RESUME), patterns, out, device="cpu")
+    return out
+
+
+def test_resume_mid_window_logs_the_same_losses(tmp_path, patterns, straight):
+    cfg = load_config(None, RESUME)
+    fit_prior(cfg, patterns, tmp_path / "split", device="cpu", max_steps=10)  # stops at step 10 (a checkpoint)
+    assert [r["step"] for r in _metrics(tmp_path / "split")][-1] == 8
+    fit_prior(cfg, patterns, tmp_path / "split", device="cpu", resume=True)
+    assert _losses(tmp_path / "split") == _losses(straight)  # bit-identical, the window of steps 9-12 included
+    for which in ("model", "ema"):
+        a = load_file(str(straight / "checkpoints" / "last" / f"{which}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "last" / f"{which}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / "split" / "checkpoints" / "last" / "trainer.pt", weights_only=True)
+    assert state["format"] == 2 and "weights" not in state["ema"]  # the EMA's weights are stored once
+
+
+def test_resume_before_the_first_checkpoint_logs_no_step_twice(tmp_path, patterns, straight):
+    cfg = load_config(None, RESUME)
+    fit_prior(cfg, patterns, tmp_path / "run", device="cpu", max_steps=5)
+    # As if killed before its first checkpoint: the rows of steps 4 (and its log) exist, no checkpoint does.
+    for p in (tmp_path / "run" / "checkpoints").iterdir():
+        p.unlink() if p.is_symlink() else shutil.rmtree(p)
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [4]
+    fit_prior(cfg, patterns, tmp_path / "run", device="cpu", resume=True)
+    steps = [(r["step"], "val_stderr" in r) for r in _metrics(tmp_path / "run")]
+    assert len(steps) == len(set(steps))
+    assert _losses(tmp_path / "run") == _losses(straight)
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, patterns, straight):
+    cfg = load_config(None, RESUME)
+    fit_prior(cfg, patterns, tmp_path / "run", device="cpu", max_steps=12)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 13, "loss": 2.71')  # a write killed half-way
+    events = []
+    fit_prior(cfg, patterns, tmp_path / "run", device="cpu", resume=True, progress=events.append)
+    assert any(e["event"] == "warn" and "torn" in e["message"] for e in events)
+    assert _losses(tmp_path / "run") == _losses(straight)
+
+
+def test_a_damaged_line_before_the_last_is_refused(tmp_path, patterns):
+    cfg = load_config(None, RESUME)
+    fit_prior(cfg, patterns, tmp_path / "run", device="cpu", max_steps=8)
+    f = tmp_path / "run" / "metrics.jsonl"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join(["{not json", *lines]) + "\n")
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        fit_prior(cfg, patterns, tmp_path / "run", device="cpu", resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty splits are refused at start (issue 11, finding 9)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_empty_shards_are_refused_before_anything_is_written(tmp_path, split):
+    rng = np.random.default_rng(0)
+    grids = {"train": [(f"t{i}", rng.integers(0, K, (4, 4))) for i in range(40)],
+             "val": [(f"v{i}", rng.integers(0, K, (4, 4))) for i in range(8)]}
+    write_latents(tmp_path / "lat", grids, codebook_size=K, shard_size=16)
+    manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
+    emptied = [s["name"] for s in manifest["shards"] if s["split"] == split]
+    for name in emptied:  # the manifest still counts their samples
+        with tarfile.open(tmp_path / "lat" / name, "w"):
+            pass
+    cfg = load_config(None, [*TINY, "prior_train.steps=4", "prior_train.val_every=2"])
+    with pytest.raises(UserError, match=f"{split} shards hold none"):
+        fit_prior(cfg, tmp_path / "lat", tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match=f"{split} shards hold none"):
+        check_fit_prior(cfg, tmp_path / "lat", tmp_path / "run", device="cpu")  # the dry run says the same

@@ -176,22 +176,42 @@ class RunDir:
         return Path(box[0]) if box[0] else None
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged records, in order. A torn last line (a killed write) is left out; see `_read_metrics`."""
+        return self._read_metrics()[0]
+
+    def _read_metrics(self) -> tuple[list[dict[str, Any]], int]:
+        """(records, 1 if the last line was torn else 0). Only the last line can be torn: the file is
+        appended line by line and flushed, so a damaged line before it is refused."""
         f = self.path / "metrics.jsonl"
         if not f.is_file():
-            return []
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            return [], 0
+        lines = [line for line in f.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        records: list[dict[str, Any]] = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if i == len(lines) - 1:
+                    return records, 1
+                raise UserError(f"{f} line {i + 1} is not JSON ({exc.msg}); the file is damaged: "
+                                "repair or delete that line and resume again") from exc
+        return records, 0
 
     # ---- writing (rank 0 only) --------------------------------------------------------------
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop records logged after `step` (a killed run resumes from its last checkpoint)."""
+    def truncate_metrics(self, step: int) -> int:
+        """Drop records logged after `step` (a killed run resumes from its last checkpoint, or from
+        step 0), and a torn last line. Returns how many torn lines were dropped (0 or 1)."""
         if not self.writes:
-            return
+            return 0
         self._close_metrics()
         f = self.path / "metrics.jsonl"
-        if f.is_file():
-            keep = [json.dumps(r) for r in self.read_metrics() if r.get("step", 0) <= step]
-            atomic_write_text(f, "".join(line + "\n" for line in keep))
+        if not f.is_file():
+            return 0
+        records, torn = self._read_metrics()
+        keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
+        atomic_write_text(f, "".join(line + "\n" for line in keep))
+        return torn
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         """Append one JSON line (flushed at once) and, when tensorboard is installed, scalars."""

@@ -23,16 +23,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from uvq.checkpoint import (
-    load_trainer_state,
-    mark_best,
-    read_meta,
-    weights_file,
-)
+from uvq.checkpoint import mark_best, read_meta, weights_file
 from uvq.config import Config
 from uvq.ema import EMA
 from uvq.files import atomic_path, sha256_file
-from uvq.prior.latents import LatentStream, check_tokenizer, read_manifest
+from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, read_manifest
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
@@ -42,10 +37,10 @@ from uvq.runtime import (
     amp_context,
     init_distributed,
     resolve_device,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
+from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
+from uvq.training import resume as resume_from
 
 # ---------------------------------------------------------------------------------------------
 # Consistency of latents, recipe and VQGAN ("Consistency with the VQGAN")
@@ -144,6 +139,21 @@ def _lr(tc, step: int) -> float:
     return tc.lr * min(1.0, (step + 1) / tc.warmup_steps)
 
 
+def check_splits(manifest: dict[str, Any], latents_dir: str | Path) -> None:
+    """Refuse latents whose train or val split holds no sample (an endless stream over empty shards
+    would hang, and a validation ELBO over none is NaN). The shards are counted from their tar
+    headers, up to the first one that holds samples, so that a manifest's counts are not trusted."""
+    for split in ("train", "val"):
+        shards = [Path(manifest["root"]) / s["name"] for s in manifest["shards"] if s["split"] == split]
+        if not manifest["num_samples"].get(split) or not shards:
+            why = "the validation ELBO needs one: re-encode with data.val_fraction > 0" if split == "val" else \
+                "re-encode the training images"
+            raise UserError(f"latents {latents_dir} have no {split} split; {why}")
+        if not any(count_shard(f) for f in shards):
+            raise UserError(f"latents {latents_dir}: the manifest counts {manifest['num_samples'][split]} {split} "
+                            f"samples but its {len(shards)} {split} shards hold none; re-run `uvq encode` into a new --out")
+
+
 def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
                     vqgan: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Everything `fit_prior` checks before it trains (for --dry-run); writes nothing."""
@@ -153,9 +163,7 @@ def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *
     out = Path(out_dir)
     if out.exists() and any(p.name != ".uvq" for p in out.iterdir()) and not (resume or overwrite):
         raise UserError(f"run directory {out} is not empty; pass --resume to continue it or --overwrite to replace it")
-    if not manifest["num_samples"].get("val"):
-        raise UserError(f"latents {latents_dir} have no val split; the validation ELBO needs one: "
-                        "re-encode with data.val_fraction > 0")
+    check_splits(manifest, latents_dir)
     model, _ = _build(cfg, torch.device("cpu"))
     return {"steps": cfg.prior_train.steps, "device": str(dev), "out_dir": str(out),
             "prior_params": sum(p.numel() for p in model.parameters()),
@@ -190,65 +198,46 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     # Setup: device, process group, the latents and their consistency, the run directory.
     dev = resolve_device(device)
     dist = init_distributed(dev)
+    progress = progress if dist.is_main else null_progress
     manifest = read_manifest(latents_dir)
     ident = check_latents(manifest, cfg, vqgan or tc.vqgan)
-    if not manifest["num_samples"].get("val"):
-        raise UserError(f"latents {latents_dir} have no val split; the validation ELBO needs one: "
-                        "re-encode with data.val_fraction > 0")
+    check_splits(manifest, latents_dir)
     run, _changed = RunDir.open(out_dir, cfg.to_dict(), argv=argv, device=dev, dist=dist, resume=resume,
                                 overwrite=overwrite)
-    seed_everything(rc.seed + dist.rank)
+    seeds = derive_seeds(rc.seed, dist.rank)
+    seed_everything(seeds.global_)
     model, process = _build(cfg, dev)
+    net = model
+    if dist.enabled:  # DDP broadcasts rank 0's initial weights; the EMA copies them after
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     ema = EMA(model, beta=tc.ema_beta, every=tc.ema_every, start=tc.ema_start) if tc.ema else None
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    stream = LatentStream(manifest, split="train", batch_size=tc.batch_size, seed=rc.seed, rank=dist.rank,
+    # fp16 needs loss scaling (as in fit-vqgan); bf16 and fp32 do not, and the CPU always runs fp32.
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and tc.precision == "fp16")
+    stream = LatentStream(manifest, split="train", batch_size=tc.batch_size, seed=seeds.data, rank=dist.rank,
                           world_size=dist.world_size, flatten=True)
-    generator = torch.Generator(device=dev).manual_seed(rc.seed * 7919 + dist.rank)
+    generator = torch.Generator(device=dev).manual_seed(seeds.generator)
+    meter = Meter(("loss", "elbo"), dev)
     step, best = 0, {"step": None, "val_bits_per_token": math.inf}
     tokenizer = manifest.get("tokenizer")
     provenance = {"latents": {k: v for k, v in manifest.items() if k != "shards"}, "latents_dir": str(Path(latents_dir).resolve()),
                   "tokenizer": tokenizer, "vqgan": (ident or {}).get("path") or (tokenizer or {}).get("path")}
 
-    # Resume: every piece of state, per rank, from the last checkpoint.
-    if resume and (last := run.last_checkpoint()) is not None:
-        from safetensors.torch import load_file
-
-        state = load_trainer_state(last)
-        model.load_state_dict(load_file(str(last / "model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, best = int(state["step"]), dict(state["best"])
-        if len(state["ranks"]) != dist.world_size:
-            raise UserError(f"{last} was written by {len(state['ranks'])} processes; resume with the same number "
-                            f"(this run has {dist.world_size})")
-        mine = state["ranks"][dist.rank]
-        stream.load_state_dict(mine["stream"])
-        generator.set_state(mine["generator"])
-        process.load_state_dict(mine["process"])
-        set_rng_state(mine["rng"])
-        run.truncate_metrics(step)
-    net = model
-    if dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    def trainer_state() -> dict[str, Any]:
-        mine = {"stream": stream.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-                "process": process.state_dict()}
-        ranks = [mine]
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            ranks = [None] * dist.world_size
-            tdist.all_gather_object(ranks, mine)
-        return {"step": step, "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
-                "best": best, "ranks": ranks}
+    # Resume: every piece of state, per rank, from the last checkpoint (uvq.training.resume).
+    parts = {"optimizers": {"model": optimizer}, "scalers": {"model": scaler}, "ema": ema,
+             "generators": {"process": generator}, "data": stream, "meter": meter}
+    if resume:
+        _, state = resume_from(run, dist, model=model, progress=progress, **parts)
+        if state is not None:
+            step, best = state.step, dict(state.best)
+            process.load_state_dict(state.ranks[dist.rank].extra["process"])
 
     def save(step_now: int) -> Path | None:
-        state = trainer_state()  # a collective under torchrun: every rank takes part
+        state = capture(step_now, dist, best=best, extra={"process": process.state_dict()}, **parts)  # a collective
         weights = {"model": model} | ({"ema": ema.model} if ema else {})
         return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="prior", model_config=cfg.to_dict()["model"]["prior"],
-                                   weights=weights, config=cfg.to_dict(), provenance=provenance, trainer_state=state)
+                                   weights=weights, config=cfg.to_dict(), provenance=provenance,
+                                   trainer_state=state.to_dict())
 
     def validate() -> dict[str, Any]:
         was_training = model.training
@@ -260,14 +249,14 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         model.train(was_training)
         return result
 
-    # The loop.
+    # The loop: no host sync per step (the meter keeps its sums on the device).
     target = tc.steps if max_steps is None else min(tc.steps, step + max_steps)
     progress({"event": "start", "task": "fit-prior", "total": tc.steps, "unit": "step", "completed": step})
     model.train()
     batches = iter(stream)
-    window = {"loss": 0.0, "elbo": 0.0, "n": 0, "t0": time.time()}
     last_val: dict[str, Any] = {}
     last_ckpt: Path | None = None
+    t_window, steps_window, pending = time.time(), 0, 0
     while step < target:
         x0 = next(batches).to(dev, non_blocking=True)  # [B, N]
         for group in optimizer.param_groups:
@@ -275,31 +264,37 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         with amp_context(dev, tc.precision):
             out = process.training_loss(net, x0, tc.loss, generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        scaler.scale(out["loss"]).backward()
         if tc.grad_clip is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         step += 1
+        steps_window += 1
+        pending += 1
         if ema is not None:
             ema.update(model, step)
 
         # Bookkeeping: the loss and the ELBO of the same batch (bits/token); the process tracks
         # both per t itself (for importance sampling and the loss-by-t plot).
-        window["loss"] += float(out["loss"].detach())
-        window["elbo"] += float(out["elbo"])
-        window["n"] += 1
+        meter.add("loss", out["loss"])
+        meter.add("elbo", out["elbo"])
 
         # Periodic work: log, validate, plot, checkpoint.
         if step % rc.log_every == 0 or step == tc.steps:
-            elapsed = max(time.time() - window["t0"], 1e-9)
-            metrics = {"loss": window["loss"] / window["n"], "elbo_bits_per_token": window["elbo"] / window["n"],
+            means = meter.reduce(dist)
+            refuse_nonfinite(means, step, last_ckpt)
+            elapsed = max(time.time() - t_window, 1e-9)
+            metrics = {"loss": means["loss"], "elbo_bits_per_token": means["elbo"],
                        "lr": optimizer.param_groups[0]["lr"],
-                       "tokens_per_s": window["n"] * tc.batch_size * pc.n_tokens * dist.world_size / elapsed}
+                       "tokens_per_s": steps_window * tc.batch_size * pc.n_tokens * dist.world_size / elapsed}
             run.log_metrics(step, metrics)
-            progress({"event": "advance", "task": "fit-prior", "n": window["n"],
+            progress({"event": "advance", "task": "fit-prior", "n": pending,
                       "metrics": {"loss": metrics["loss"], "elbo": metrics["elbo_bits_per_token"], **(
                           {"val": last_val["mean"]} if last_val else {})}})
-            window = {"loss": 0.0, "elbo": 0.0, "n": 0, "t0": time.time()}
+            meter.reset()
+            t_window, steps_window, pending = time.time(), 0, 0
         improved = False
         if step % tc.val_every == 0 or step == tc.steps:
             last_val = validate()
@@ -313,9 +308,13 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             loss_by_t_plot(process.loss_by_time(buckets=min(32, process.T)), run.image_path("loss-by-t", step),
                            title=f"{tc.loss} by time step t, step {step}")
         if step % rc.ckpt_every == 0 or step == target or improved:
-            last_ckpt = save(step)
+            if not meter.finite(dist):  # the window since the last log: never save diverged weights
+                refuse_nonfinite({"loss": math.nan}, step, last_ckpt)
+            last_ckpt = save(step) or last_ckpt
             if improved and run.writes:
                 mark_best(run.path, last_ckpt)
+    if pending:
+        progress({"event": "advance", "task": "fit-prior", "n": pending})
     progress({"event": "end", "task": "fit-prior", "metrics": {"step": step}})
     run.close()
     return {"out_dir": str(run.path), "steps": step, "rank": dist.rank, "best": best,

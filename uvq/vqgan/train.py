@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from uvq.checkpoint import load_state_dict, load_trainer_state
 from uvq.config import Config
 from uvq.data.sources import train_batches
 from uvq.ema import EMA
@@ -49,19 +49,18 @@ from uvq.runtime import (
     amp_context,
     init_distributed,
     resolve_device,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
+from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
+from uvq.training import resume as resume_from
 from uvq.vqgan.augment import diff_augment, parse_policy
 from uvq.vqgan.losses import adaptive_weight, disc_factor
 from uvq.vqgan.model import build_vqgan
 
 TASK = "fit-vqgan"
-# Logged means, each over the steps of its window that computed it (its counter).
-LOSS_KEYS = {"loss": "n", "l1": "n", "lpips": "n_lpips", "rec": "n", "codebook": "n", "lambda": "n",
-             "g_loss": "n_g", "d_loss": "n_d", "logits_real": "n_d", "logits_fake": "n_d"}
-COUNTERS = ("n", "n_lpips", "n_g", "n_d")
+# Logged means, each over the steps of its window that computed it (lpips when it is on, g_loss
+# from disc_start_step, the discriminator's from the step after).
+LOSS_KEYS = ("loss", "l1", "lpips", "rec", "codebook", "lambda", "g_loss", "d_loss", "logits_real", "logits_fake")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +148,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (as the authors)
     _check_out_dir(Path(out_dir), resume=resume, overwrite=overwrite)  # fail fast, before any building
-    seed_everything(rc.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    seeds = derive_seeds(rc.seed, dist.rank)
+    seed_everything(seeds.global_)  # DDP broadcasts rank 0's initial weights to the other ranks
 
     # The networks and losses, built before anything is written (a missing LPIPS file fails here).
     memory_format = torch.channels_last if cuda and tc.channels_last else torch.contiguous_format
@@ -162,9 +162,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         disc = nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     disc = disc.to(dev, memory_format=memory_format).train()
     rec_loss = rec_loss.to(dev, memory_format=memory_format).train()
-    aug_gen = torch.Generator(device=dev).manual_seed(rc.seed * 7919 + dist.rank)
+    aug_gen = torch.Generator(device=dev).manual_seed(seeds.generator)
     augment = functools.partial(diff_augment, policy=tc.diffaug_policy, generator=aug_gen)
-    ema = EMA(vqgan, beta=tc.ema_beta, every=tc.ema_every, start=tc.ema_start) if tc.ema else None
 
     # Two Adam optimisers, written out (the authors': default betas, the same lr for both).
     lr = tc.learning_rate * (dist.world_size if tc.lr is None else 1)  # 4.5e-6 x the global batch
@@ -175,7 +174,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     d_scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # Data: this rank's slice of an endless, resumable stream of [B,3,H,W] images in [0,1].
-    batches = train_batches(cfg.data, vc.img_size, tc.batch_size, seed=rc.seed, rank=dist.rank,
+    batches = train_batches(cfg.data, vc.img_size, tc.batch_size, seed=seeds.data, rank=dist.rank,
                             world_size=dist.world_size, progress=progress)
 
     # The run directory (rank 0 writes; every rank agrees on errors).
@@ -184,66 +183,35 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     if changed:
         progress({"event": "log", "message": f"resuming with a changed config: {', '.join(changed[:8])}"})
 
-    # Window sums for logging (device tensors: no host sync until a log step).
-    def empty_window() -> dict[str, torch.Tensor]:
-        w = {k: torch.zeros((), device=dev, dtype=torch.float64) for k in (*LOSS_KEYS, *COUNTERS)}
-        w["codes"] = torch.zeros(vc.codebook_size, device=dev, dtype=torch.float64)
-        return w
-
-    window = empty_window()
-    step = 0
-
-    # Resume: every piece of state, per rank, from the last checkpoint.
-    if resume and (last := run.resume_point(dist)) is not None:
-        state = load_trainer_state(last)
-        if len(state["ranks"]) != dist.world_size:
-            raise UserError(f"{last} was written by {len(state['ranks'])} processes; resume with the same number "
-                            f"(this run has {dist.world_size})")
-        vqgan.load_state_dict(load_state_dict(last, "model")[0])
-        disc.load_state_dict(state["disc"])
-        opt_ae.load_state_dict(state["opt_ae"])
-        opt_d.load_state_dict(state["opt_d"])
-        scaler.load_state_dict(state["scaler"])
-        d_scaler.load_state_dict(state["d_scaler"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise UserError(f"{last} was trained without EMA; resume with train.ema=false")
-            ema.load_state_dict(state["ema"], weights=load_state_dict(last, "ema")[0])
-        step = int(state["step"])
-        mine = state["ranks"][dist.rank]
-        batches.load_state_dict(mine["data"])
-        aug_gen.set_state(mine["aug_rng"].to(aug_gen.get_state().device))
-        set_rng_state(mine["rng"])
-        window = {k: v.to(dev) for k, v in mine["window"].items()}
-        run.truncate_metrics(step)
-        progress({"event": "log", "message": f"resumed {run.path} at step {step} from {last.name}"})
-
     ae_net, d_net = vqgan, disc
     if dist.enabled:
         ids = [dev.index] if cuda else None
         # The likelihood head (off when training) gets no gradient: tell DDP not to wait for it.
         ae_net = nn.parallel.DistributedDataParallel(vqgan, device_ids=ids, find_unused_parameters=vc.likelihood_head)
         d_net = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+    # The EMA copies the weights after DDP's broadcast, so every rank's copy starts from rank 0's.
+    ema = EMA(vqgan, beta=tc.ema_beta, every=tc.ema_every, start=tc.ema_start) if tc.ema else None
+
+    # The logging window: device-side sums (uvq.training.Meter), no host sync until a log step.
+    meter = Meter(LOSS_KEYS, dev, codebook_size=vc.codebook_size)
+    step = 0
+
+    # Resume: every piece of state, per rank, from the last checkpoint (uvq.training.resume).
+    resumable = {"optimizers": {"ae": opt_ae, "d": opt_d}, "scalers": {"ae": scaler, "d": d_scaler}, "ema": ema,
+                 "generators": {"augment": aug_gen}, "data": batches, "meter": meter, "modules": {"disc": disc}}
+    if resume:
+        _, state = resume_from(run, dist, model=vqgan, progress=progress, **resumable)
+        step = state.step if state is not None else 0
 
     def trainer_state() -> dict[str, Any]:
         """Resumable state; a collective under torchrun (each rank's RNG, data position, window)."""
-        mine = {"data": batches.state_dict(), "aug_rng": aug_gen.get_state().cpu(), "rng": rng_state(),
-                "window": {k: v.detach().cpu() for k, v in window.items()}}
-        ranks = [mine]
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            # Each rank's digest of its replicas' parameters: DDP must have kept them identical.
-            mine["replica"] = {"vqgan": _digest(vqgan), "disc": _digest(disc)}
-            ranks = [None] * dist.world_size
-            tdist.all_gather_object(ranks, mine)
-            if any(r["replica"] != ranks[0]["replica"] for r in ranks):
-                progress({"event": "warn", "message": f"step {step}: the ranks' weights differ (DDP desynchronised); "
-                                                      "the checkpoint holds rank 0's"})
-        return {"step": step, "opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(),
-                "disc": {k: v.detach().cpu() for k, v in disc.state_dict().items()},
-                "ema": ema.state_dict(weights=False) if ema is not None else None,
-                "scaler": scaler.state_dict(), "d_scaler": d_scaler.state_dict(), "ranks": ranks}
+        replica = {"vqgan": _digest(vqgan), "disc": _digest(disc)} if dist.enabled else None
+        state = capture(step, dist, extra={"replica": replica}, **resumable)
+        # Each rank's digest of its replicas' parameters: DDP must have kept them identical.
+        if any(r.extra["replica"] != state.ranks[0].extra["replica"] for r in state.ranks):
+            progress({"event": "warn", "message": f"step {step}: the ranks' weights differ (DDP desynchronised); "
+                                                  "the checkpoint holds rank 0's"})
+        return state.to_dict()
 
     provenance = {"data_source": cfg.data.source, "data": dataclasses.asdict(cfg.data), "seed": rc.seed,
                   "world_size": dist.world_size, "batch_size_per_rank": tc.batch_size,
@@ -332,42 +300,40 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         if ema is not None:
             ema.update(vqgan, step)
 
-        # Bookkeeping: window sums stay on the device; code histogram for usage and perplexity.
-        with torch.no_grad():
-            window["loss"] += loss.detach().double()
-            window["l1"] += parts["l1"].double()
-            if "perceptual" in parts:
-                window["lpips"] += parts["perceptual"].double()
-                window["n_lpips"] += 1
-            window["rec"] += rec.detach().double()
-            window["codebook"] += cb.detach().double()
-            window["lambda"] += lam.detach().double()
-            window["n"] += 1
-            if g_loss is not None:
-                window["g_loss"] += g_loss.detach().double()
-                window["n_g"] += 1
-            if train_d:
-                window["d_loss"] += d_loss.detach().double()
-                window["logits_real"] += logits_real.detach().float().mean().double()
-                window["logits_fake"] += logits_fake.detach().float().mean().double()
-                window["n_d"] += 1
-            window["codes"] += torch.bincount(codes.reshape(-1), minlength=vc.codebook_size).double()
+        # Bookkeeping: the meter's sums stay on the device; code histogram for usage and perplexity.
+        meter.add("loss", loss)
+        meter.add("l1", parts["l1"])
+        if "perceptual" in parts:
+            meter.add("lpips", parts["perceptual"])
+        meter.add("rec", rec)
+        meter.add("codebook", cb)
+        meter.add("lambda", lam)
+        if g_loss is not None:
+            meter.add("g_loss", g_loss)
+        if train_d:
+            meter.add("d_loss", d_loss)
+            meter.add("logits_real", logits_real.detach().float().mean())
+            meter.add("logits_fake", logits_fake.detach().float().mean())
+        meter.count_codes(codes)
 
         # Periodic work: log, image grid, checkpoint.
         final = step == target
         if step % rc.log_every == 0 or final:
-            logged = _reduce_window(window, dist)
+            logged = meter.reduce(dist)
+            refuse_nonfinite(logged, step, last_ckpt)
             elapsed = max(time.time() - t_window, 1e-9)
             logged["images_per_s"] = steps_window * images_per_step / elapsed
             logged["lr"] = opt_ae.param_groups[0]["lr"]
             bad = _bad_images(batches, dist)
             logged["bad_images"] = bad
             run.log_metrics(step, logged)
-            window = empty_window()
+            meter.reset()
             t_window, steps_window = time.time(), 0
         if step % rc.image_every == 0 or final:
             last_grid = grid(x, xrec, step) or last_grid
         if step % rc.ckpt_every == 0 or final:
+            if not meter.finite(dist):  # the window since the last log: never save diverged weights
+                refuse_nonfinite({"loss": math.nan}, step, last_ckpt)
             last_ckpt = save(step) or last_ckpt
         now = time.time()
         if now - t_event >= 0.5 or final or step % rc.log_every == 0:
@@ -396,28 +362,6 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
 # ---------------------------------------------------------------------------------------------
 # Helpers of the periodic work
 # ---------------------------------------------------------------------------------------------
-
-
-def _reduce_window(window: dict[str, torch.Tensor], dist: DistInfo) -> dict[str, Any]:
-    """Means over the window's steps and over ranks; code usage and perplexity of the window."""
-    if dist.enabled:
-        import torch.distributed as tdist
-
-        names = (*LOSS_KEYS, *COUNTERS)
-        packed = torch.cat([torch.stack([window[k] for k in names]), window["codes"]])
-        tdist.all_reduce(packed)
-        window = dict(zip(names, packed[:len(names)], strict=True)) | {"codes": packed[len(names):]}
-    out: dict[str, Any] = {}
-    for k, counter in LOSS_KEYS.items():
-        if float(window[counter]) > 0:
-            out[k] = float(window[k]) / float(window[counter])
-    counts = window["codes"]
-    total = float(counts.sum())
-    if total > 0:
-        p = counts / total
-        out["usage"] = float((counts > 0).double().mean())
-        out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
-    return out
 
 
 def _digest(module: nn.Module) -> str:
