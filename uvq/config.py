@@ -390,12 +390,14 @@ def _check(ok: bool, message: str) -> None:
 # Values quoted in error messages are shortened: a recipe's value may be huge (a long list, or an
 # alias-expanded structure), and the message must stay one readable line.
 _REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 6
 _REPR.maxstring, _REPR.maxother = 80, 80
+_SHORT = 120  # characters of a quoted value, at most
 
 
 def _short(value: Any) -> str:
-    return _REPR.repr(value)
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHORT else text[:_SHORT - 3] + "..."
 
 
 def _range(path: str, value: Any, lo: float | None = None, hi: float | None = None, *,
@@ -690,13 +692,17 @@ def parse_yaml(text: str, where: str) -> Any:
 
     `where` names the text in messages (a file name, or "override x=y").
     """
-    loader = _RecipeLoader(text)
+    loader = None
     try:
+        loader = _RecipeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
         _check_nodes(node, where)
         return loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{where}: not valid YAML: unacceptable character #x{exc.character:04x} "
+                          f"at character {exc.position} ({exc.reason})") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -707,7 +713,8 @@ def parse_yaml(text: str, where: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{where}: not usable YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # ---------------------------------------------------------------------------------------------
