@@ -104,15 +104,13 @@ def test_official_qkv_fuse_in_query_key_value_order():
     assert incomplete.unexpected == ["_denoise_fn.blocks.0.attn.query.weight"]
 
 
-def test_registry_builds_presets_and_refuses_time_conditioning():
+def test_registry_builds_presets():
     builder = registry.get("priors", "absorbing_transformer.v1")
     for name in PRESETS:
         cfg = preset(name)
         with torch.device("meta"):
             model = builder(cfg)
         assert model.codebook_size == cfg.codebook_size and model.n_tokens == cfg.n_tokens
-    with pytest.raises(UserError, match="time_conditioning"):
-        builder(PriorConfig(time_conditioning=True))
     with pytest.raises(UserError, match="valid: paper"):
         preset("huge")
 

@@ -1,16 +1,26 @@
 """Recipes: one typed dataclass per section, loaded strictly from YAML plus overrides.
 
 A recipe is YAML whose top-level keys are the sections below. Unknown keys fail with their path
-and the closest valid key; wrong types and impossible values fail at load time. Overrides are
-`section.key=value` strings whose values are parsed as YAML scalars (`train.batch_size=4`,
-`model.vqgan.ch_mult=[1,2]`). Derived values (latent shape, mask id, ...) are computed here and
-only here.
+and the closest valid key; wrong types, non-finite numbers and values out of range fail at load
+time, naming the key path and the valid range. Overrides are `section.key=value` strings whose
+values are parsed as YAML (`train.batch_size=4`, `prior_train.lr=1e-4`,
+`model.vqgan.ch_mult=[1,2]`). Numbers follow YAML 1.2's core schema. Derived values (latent
+shape, mask id, learning rate times world size, the number of diffusion steps T, ...) are
+computed here and only here.
+
+A recipe is a path to a YAML file, or the bare name of a recipe packaged in `uvq/recipes/`
+(`demo`, `ffhq`, ...): a name has no `/` and no `.yaml`/`.yml` suffix. A path that does not exist
+is an error; it never falls back to a packaged recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,8 +31,21 @@ import yaml
 
 from uvq.runtime import UserError
 
-# The recipes live at the top of the repository (`recipes/`), next to the package.
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The packaged recipes are package data (uvq/recipes/*.yaml), read through importlib.resources so
+# that an installed wheel finds them; the repository's top-level `recipes` is a link to that folder.
+RECIPE_PACKAGE = "uvq"
+RECIPE_FOLDER = "recipes"
+
+INT64_MAX = 2**63 - 1  # every integer option ends up in Python/torch int64 arithmetic
+# run.seed: the trainers derive per-rank and per-epoch seeds from it (at most seed x 1000003 x 7919
+# in the latent stream), and those must stay below torch's 2**64 generator-seed limit.
+SEED_MAX = 2**31 - 1
+# The demo set keeps one key string per image in memory (about 70 bytes each: 'demo-%06d'); a
+# million images (~70 MB of keys, ~3 GB drawn at 32x32) is far past any smoke test.
+MAX_DEMO_IMAGES = 1_000_000
+# AbsorbingDiffusion keeps three float64 tables of T + 1 entries (importance sampling) and the full
+# ELBO sums over all T; a million steps (24 MB of tables) is 4000x the paper's T = N = 256.
+MAX_DIFFUSION_STEPS = 1_000_000
 
 
 class ConfigError(UserError):
@@ -49,11 +72,12 @@ class DataConfig:
     shuffle_buffer: int = 1000  # webdataset shuffle buffer
 
     def validate(self, path: str) -> None:
-        _check(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction must be in [0, 1)")
-        _check(self.num_workers >= 0, f"{path}.num_workers must be >= 0")
-        _check(self.max_images is None or self.max_images > 0, f"{path}.max_images must be positive")
-        _check(self.demo_images >= 8, f"{path}.demo_images must be >= 8")
-        _check(self.shuffle_buffer >= 1, f"{path}.shuffle_buffer must be >= 1")
+        _range(f"{path}.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        _range(f"{path}.num_workers", self.num_workers, 0)
+        _range(f"{path}.max_images", self.max_images, 1)
+        _range(f"{path}.demo_images", self.demo_images, 8, MAX_DEMO_IMAGES,
+               why="the demo set is a smoke test whose image keys are held in memory")
+        _range(f"{path}.shuffle_buffer", self.shuffle_buffer, 1)
 
 
 @dataclass
@@ -91,21 +115,23 @@ class VQGANConfig:
         return self.res_blocks + 1 if self.variant == "taming" else self.res_blocks
 
     def validate(self, path: str) -> None:
-        _check(self.codebook_size >= 2, f"{path}.codebook_size must be >= 2 (got {self.codebook_size})")
-        _check(self.codebook_size <= 65535, f"{path}.codebook_size must fit uint16 codes (<= 65535)")
-        _check(len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult), f"{path}.ch_mult must be positive integers")
+        _range(f"{path}.codebook_size", self.codebook_size, 2, 65535, why="codes are stored as uint16")
+        _check(len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult),
+               f"{path}.ch_mult must be a non-empty list of integers >= 1 (got {_short(self.ch_mult)})")
+        _check(all(r >= 1 for r in self.attn_resolutions),
+               f"{path}.attn_resolutions must be integers >= 1 (got {_short(self.attn_resolutions)})")
         _check(self.img_size > 0 and self.img_size % self.downsample == 0,
                f"{path}.img_size {self.img_size} is not divisible by the downsampling factor {self.downsample} "
                f"(2**(len(ch_mult)-1)); pick an img_size that is a multiple of {self.downsample}")
         _check(self.nf >= 32 and self.nf % 32 == 0, f"{path}.nf must be a positive multiple of 32 (GroupNorm(32))")
-        _check(self.res_blocks >= 1, f"{path}.res_blocks must be >= 1")
-        _check(self.emb_dim >= 1, f"{path}.emb_dim must be >= 1")
-        _check(self.in_channels >= 1, f"{path}.in_channels must be >= 1")
-        _check(self.z_channels is None or self.z_channels >= 1, f"{path}.z_channels must be >= 1")
+        _range(f"{path}.res_blocks", self.res_blocks, 1)
+        _range(f"{path}.emb_dim", self.emb_dim, 1)
+        _range(f"{path}.in_channels", self.in_channels, 1)
+        _range(f"{path}.z_channels", self.z_channels, 1)
         _check(self.variant == "taming" or self.z_channels in (None, self.emb_dim),
                f"{path}.z_channels ({self.z_channels}) needs variant: taming (quant_conv); the official variant "
                f"has none, so leave z_channels unset or equal to emb_dim ({self.emb_dim})")
-        _check(self.dec_res_blocks is None or self.dec_res_blocks >= 1, f"{path}.dec_res_blocks must be >= 1")
+        _range(f"{path}.dec_res_blocks", self.dec_res_blocks, 1)
 
 
 @dataclass
@@ -117,7 +143,8 @@ class DiscriminatorConfig:
     n_layers: int = 3
 
     def validate(self, path: str) -> None:
-        _check(self.ndf >= 1 and self.n_layers >= 1, f"{path}.ndf and {path}.n_layers must be >= 1")
+        _range(f"{path}.ndf", self.ndf, 1)
+        _range(f"{path}.n_layers", self.n_layers, 1)
 
 
 @dataclass
@@ -131,7 +158,6 @@ class PriorConfig:
     codebook_size: int = 1024  # K; must equal model.vqgan.codebook_size
     latent_shape: list[int] = field(default_factory=lambda: [16, 16])  # must equal the VQGAN's
     dropout: float = 0.0
-    time_conditioning: bool = False  # the official code ignores t; so do we by default
 
     @property
     def n_tokens(self) -> int:
@@ -142,12 +168,15 @@ class PriorConfig:
         return self.codebook_size
 
     def validate(self, path: str) -> None:
-        _check(self.codebook_size >= 2, f"{path}.codebook_size must be >= 2 (got {self.codebook_size})")
-        _check(len(self.latent_shape) == 2 and all(s >= 1 for s in self.latent_shape), f"{path}.latent_shape must be [h, w]")
-        _check(self.n_head >= 1 and self.n_embd % self.n_head == 0,
+        _range(f"{path}.codebook_size", self.codebook_size, 2, 65535, why="codes are stored as uint16")
+        _check(len(self.latent_shape) == 2 and all(s >= 1 for s in self.latent_shape),
+               f"{path}.latent_shape must be [h, w] with h, w >= 1 (got {_short(self.latent_shape)})")
+        _range(f"{path}.n_head", self.n_head, 1)
+        _range(f"{path}.n_embd", self.n_embd, 1)
+        _check(self.n_embd % self.n_head == 0,
                f"{path}.n_embd ({self.n_embd}) must be divisible by {path}.n_head ({self.n_head})")
-        _check(self.n_layer >= 1, f"{path}.n_layer must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout must be in [0, 1)")
+        _range(f"{path}.n_layer", self.n_layer, 1)
+        _range(f"{path}.dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
 @dataclass
@@ -187,23 +216,27 @@ class VQGANTrainConfig:
     ema_start: int = 0
 
     def validate(self, path: str) -> None:
-        _check(self.batch_size >= 1, f"{path}.batch_size must be >= 1")
-        _check(self.steps >= 1, f"{path}.steps must be >= 1")
-        _check(self.lr is None or self.lr > 0, f"{path}.lr must be positive")
-        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{path}.betas must be two numbers in [0, 1)")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip must be positive (or null for none)")
-        _check(self.disc_lr_mult > 0, f"{path}.disc_lr_mult must be positive")
-        _check(self.perceptual_weight >= 0 and self.l1_weight >= 0, f"{path} loss weights must be >= 0")
-        _check(0.0 < self.ema_beta < 1.0, f"{path}.ema_beta must be in (0, 1)")
-        _check(self.ema_every >= 1, f"{path}.ema_every must be >= 1")
-        _check(self.disc_weight_max > 0, f"{path}.disc_weight_max must be positive")
+        _range(f"{path}.batch_size", self.batch_size, 1)
+        _range(f"{path}.steps", self.steps, 1)
+        _optimiser_ranges(self, path)
+        for name in ("l1_weight", "perceptual_weight", "codebook_weight", "beta", "disc_weight"):
+            _range(f"{path}.{name}", getattr(self, name), 0.0)
+        _range(f"{path}.disc_start_step", self.disc_start_step, 0)
+        _range(f"{path}.disc_weight_max", self.disc_weight_max, 0.0, lo_open=True)
+        _range(f"{path}.disc_lr_mult", self.disc_lr_mult, 0.0, lo_open=True)
         valid = {"color", "translation", "cutout", ""}
         bad = [p for p in self.diffaug_policy.split(",") if p.strip() not in valid]
-        _check(not bad, f"{path}.diffaug_policy has unknown parts {bad}; valid: color, translation, cutout")
+        _check(not bad, f"{path}.diffaug_policy has unknown parts {_short(bad)}; valid: color, translation, cutout")
 
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 4.5e-6 * self.batch_size
+    def learning_rate(self, world_size: int = 1) -> float:
+        """The Adam learning rate: `lr` as given, else 4.5e-6 x the global batch (the authors' rule).
+
+        The global batch is `batch_size` per rank times `world_size` ranks; an explicit `lr` is
+        used as it is, whatever the number of ranks.
+        """
+        if self.lr is not None:
+            return self.lr
+        return 4.5e-6 * self.batch_size * world_size
 
 
 @dataclass
@@ -232,13 +265,19 @@ class PriorTrainConfig:
     vqgan: str | None = None  # the VQGAN checkpoint the latents must come from (optional)
 
     def validate(self, path: str) -> None:
-        _check(self.batch_size >= 1 and self.steps >= 1, f"{path}.batch_size and {path}.steps must be >= 1")
-        _check(self.lr > 0, f"{path}.lr must be positive")
-        _check(self.warmup_steps >= 0, f"{path}.warmup_steps must be >= 0")
-        _check(self.T is None or self.T >= 1, f"{path}.T must be >= 1")
-        _check(0.0 < self.ema_beta < 1.0, f"{path}.ema_beta must be in (0, 1)")
-        _check(self.val_every >= 1 and self.val_batches >= 1, f"{path}.val_every and val_batches must be >= 1")
-        _check(self.val_draws >= 2, f"{path}.val_draws must be >= 2 (a standard error needs two draws)")
+        _range(f"{path}.batch_size", self.batch_size, 1)
+        _range(f"{path}.steps", self.steps, 1)
+        _optimiser_ranges(self, path)
+        _range(f"{path}.weight_decay", self.weight_decay, 0.0)
+        _range(f"{path}.warmup_steps", self.warmup_steps, 0)
+        _range(f"{path}.T", self.T, 1, MAX_DIFFUSION_STEPS, why="the process keeps tables of T + 1 entries")
+        _range(f"{path}.val_every", self.val_every, 1)
+        _range(f"{path}.val_batches", self.val_batches, 1)
+        _range(f"{path}.val_draws", self.val_draws, 2, why="a standard error needs two draws")
+
+    def diffusion_steps(self, prior: PriorConfig) -> int:
+        """T, the number of diffusion steps: `T` as given, else N, the prior's number of tokens (paper)."""
+        return self.T if self.T is not None else prior.n_tokens
 
 
 @dataclass
@@ -251,7 +290,8 @@ class EncodeConfig:
     weights: Literal["default", "ema", "model"] = "default"
 
     def validate(self, path: str) -> None:
-        _check(self.batch_size >= 1 and self.shard_size >= 1, f"{path}.batch_size and shard_size must be >= 1")
+        _range(f"{path}.batch_size", self.batch_size, 1)
+        _range(f"{path}.shard_size", self.shard_size, 1)
 
 
 @dataclass
@@ -284,14 +324,14 @@ class EvalConfig:
     feature_extractor: str = "inception-v3-compat.v1"
     k: int = 5  # PRDC nearest_k (prdc's default; the paper's code used 3)
     batch_size: int = 64
-    num_samples: int = 50_000
     inception_weights: str | None = None
 
     def validate(self, path: str) -> None:
         valid = {"fid", "kid", "prdc", "recon", "elbo"}
         bad = [m for m in self.metrics if m not in valid]
-        _check(not bad, f"{path}.metrics has unknown entries {bad}; valid: {sorted(valid)}")
-        _check(self.k >= 1, f"{path}.k must be >= 1")
+        _check(not bad, f"{path}.metrics has unknown entries {_short(bad)}; valid: {sorted(valid)}")
+        _range(f"{path}.k", self.k, 1)
+        _range(f"{path}.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -305,8 +345,9 @@ class RunConfig:
     keep_last: int = 3
 
     def validate(self, path: str) -> None:
-        _check(min(self.log_every, self.image_every, self.ckpt_every) >= 1, f"{path} intervals must be >= 1")
-        _check(self.keep_last >= 1, f"{path}.keep_last must be >= 1")
+        _range(f"{path}.seed", self.seed, 0, SEED_MAX, why="seeds derived from it must fit torch's 64-bit seed")
+        for name in ("log_every", "image_every", "ckpt_every", "keep_last"):
+            _range(f"{path}.{name}", getattr(self, name), 1)
 
 
 @dataclass
@@ -346,6 +387,47 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Values quoted in error messages are shortened: a recipe's value may be huge (a long list, or an
+# alias-expanded structure), and the message must stay one readable line.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 6, 6, 6
+_REPR.maxstring, _REPR.maxother = 80, 80
+_SHORT = 120  # characters of a quoted value, at most
+
+
+def _short(value: Any) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHORT else text[:_SHORT - 3] + "..."
+
+
+def _range(path: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False, why: str = "") -> None:
+    """Refuse `value` outside [lo, hi] (open ends when asked); None means "not set" and passes."""
+    if value is None:
+        return
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
+    if ok:
+        return
+    if hi is None:
+        valid = f"{'>' if lo_open else '>='} {lo}"
+    elif lo is None:
+        valid = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        valid = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    raise ConfigError(f"{path} must be {valid} (got {_short(value)}){'; ' + why if why else ''}")
+
+
+def _optimiser_ranges(tc: Any, path: str) -> None:
+    """The rules both train sections share: Adam's lr and betas, gradient clipping, weight EMA."""
+    _range(f"{path}.lr", tc.lr, 0.0, lo_open=True)
+    _check(len(tc.betas) == 2 and all(0.0 <= b < 1.0 for b in tc.betas),
+           f"{path}.betas must be two numbers in [0, 1) (got {_short(tc.betas)})")
+    _range(f"{path}.grad_clip", tc.grad_clip, 0.0, lo_open=True, why="null for no clipping")
+    _range(f"{path}.ema_beta", tc.ema_beta, 0.0, 1.0, lo_open=True, hi_open=True)
+    _range(f"{path}.ema_every", tc.ema_every, 1)
+    _range(f"{path}.ema_start", tc.ema_start, 0)
+
+
 def _fields(cls) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls)
 
@@ -371,43 +453,49 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message (a range or a finiteness rule, not just "wrong type")
+            return _coerce(value, options[0], path)
+        for arg in options:
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{path} has the wrong type: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path} has the wrong type: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            close = difflib.get_close_matches(value, [str(a) for a in args], n=1) if isinstance(value, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}{hint}")
+            raise ConfigError(f"{path} must be one of {list(args)}, got {_short(value)}{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            raise ConfigError(f"{path} must be a list, got {_short(value)}")
         item = args[0] if args else Any
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
+            raise ConfigError(f"{path} must be true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
+            raise ConfigError(f"{path} must be an integer, got {_short(value)}")
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ConfigError(f"{path} must be a 64-bit integer, in [-2**63, 2**63 - 1] (got {_short(value)})")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
+            raise ConfigError(f"{path} must be a number, got {_short(value)}")
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            raise ConfigError(f"{path} must be a finite number of at most 2**63 in size (got {_short(value)})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number (got {_short(value)})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path} must be a string, got {value!r}")
+            raise ConfigError(f"{path} must be a string, got {_short(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
@@ -419,12 +507,15 @@ def _build(cls, data: Any, path: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'recipe'} must be a mapping of keys, got {data!r}")
+        raise ConfigError(f"{path or 'recipe'} must be a mapping of keys, got {_short(data)}")
+    data = _drop_legacy(cls, data, path)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in _fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            raise ConfigError(f"{path or 'recipe'} has a key that is not a name: {_short(key)}")
+        key_path = f"{path}.{key}" if path else key
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
@@ -444,29 +535,252 @@ def section_from_dict(cls, data: dict[str, Any], path: str = ""):
     return obj
 
 
-def resolve_recipe_path(recipe: str | Path) -> Path:
-    """A recipe is a YAML path, or the name of a packaged recipe (`demo`, `ffhq`, ...)."""
-    p = Path(recipe)
-    if p.is_file():
-        return p
-    packaged = RECIPES_DIR / f"{p.stem}.yaml"
-    if p.suffix in ("", ".yaml", ".yml") and packaged.is_file() and len(p.parts) <= 2:
-        return packaged
-    names = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"recipe {str(recipe)!r} not found; give a YAML path or a packaged recipe name: {', '.join(names)}")
+# ---------------------------------------------------------------------------------------------
+# Legacy keys: removed options that saved configs still carry
+# ---------------------------------------------------------------------------------------------
+
+# Options removed because nothing read them. Checkpoints and run directories embed their config
+# (config_from_dict / section_from_dict read it back), so those readers drop these keys; a recipe
+# that still sets one is refused by load_config with a line saying to delete it.
+# path -> (section class, key, the values it could legally hold (None: any), why it went)
+_LEGACY_KEYS: dict[str, tuple[type, str, tuple[Any, ...] | None, str]] = {
+    "model.prior.time_conditioning": (PriorConfig, "time_conditioning", (False,),
+                                      "it had one legal value (false): the prior ignores t, as the authors'"),
+    "eval.num_samples": (EvalConfig, "num_samples", None, "nothing read it"),
+}
+
+
+def _drop_legacy(cls, data: dict[Any, Any], path: str) -> dict[Any, Any]:
+    for legacy_path, (owner, key, legal, why) in _LEGACY_KEYS.items():
+        if owner is cls and key in data:
+            if legal is not None and data[key] not in legal:
+                raise ConfigError(f"{legacy_path} = {_short(data[key])} was never supported ({why}); "
+                                  "the option has been removed")
+            data = {k: v for k, v in data.items() if k != key}
+    return data
+
+
+def drop_legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict without the removed options (for comparing it with a new config)."""
+    out = _deep_copy_dicts(config)
+    for legacy_path in _LEGACY_KEYS:
+        *parents, key = legacy_path.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return out
+
+
+def _deep_copy_dicts(data: Any) -> Any:
+    return {k: _deep_copy_dicts(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def _refuse_legacy(data: dict[str, Any], where: str) -> None:
+    for legacy_path, (_, _, _, why) in _LEGACY_KEYS.items():
+        *parents, key = legacy_path.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"{where}: {legacy_path} was removed ({why}); delete it "
+                              "(checkpoints and run directories that carry it still load)")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: a SafeLoader with YAML 1.2 numbers, no duplicate keys and bounded aliases
+# ---------------------------------------------------------------------------------------------
+
+# YAML 1.2 core-schema numbers (yaml.org/spec/1.2.2, section 10.3.2). PyYAML implements YAML 1.1,
+# where `1e-4` is a string (a float needs a dot) and `012` is octal; a recipe follows 1.2. Digit
+# groups with `_` (`1_500_000`), which PyYAML's 1.1 integers accept, stay accepted.
+_INT_RE = re.compile(r"[-+]?[0-9]+(?:_[0-9]+)*|0o[0-7]+|0x[0-9a-fA-F]+")
+_FLOAT_RE = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# A recipe has a few hundred values; a file whose aliases (&a / *a) expand past this is refused
+# before it is built (the "billion laughs" pattern: nine aliases of nine aliases of ...).
+MAX_YAML_VALUES = 100_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (no Python objects) with YAML 1.2 numbers."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# Integers before floats: the 1.2 float pattern also matches `12`.
+_RecipeLoader.add_implicit_resolver(_INT_TAG, re.compile(f"^(?:{_INT_RE.pattern})$"), list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(_FLOAT_TAG, re.compile(f"^(?:{_FLOAT_RE.pattern})$"), list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if not _INT_RE.fullmatch(text):
+        raise yaml.constructor.ConstructorError(None, None, f"{_short(text)} is not a YAML 1.2 integer", node.start_mark)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text.replace("_", ""), 10)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node)
+    if not _FLOAT_RE.fullmatch(text) and not _INT_RE.fullmatch(text):
+        raise yaml.constructor.ConstructorError(None, None, f"{_short(text)} is not a YAML 1.2 number", node.start_mark)
+    if text.lstrip("+-").lower() == ".inf":
+        return -math.inf if text.startswith("-") else math.inf
+    if text.lower() == ".nan":
+        return math.nan
+    return float(_construct_int(loader, node)) if _INT_RE.fullmatch(text) else float(text)
+
+
+_RecipeLoader.add_constructor(_INT_TAG, _construct_int)
+_RecipeLoader.add_constructor(_FLOAT_TAG, _construct_float)
+
+
+def _check_nodes(root: yaml.Node, where: str) -> None:
+    """Refuse duplicate keys, recursive aliases and alias expansions past MAX_YAML_VALUES.
+
+    Walks the composed node graph once (aliases are shared nodes, so the graph stays small even
+    when its expansion is huge), counting each node's expanded size from its children's.
+    """
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, str, bool]] = [(root, "", False)]
+    while stack:
+        node, path, done = stack.pop()
+        children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+            if size[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError(f"{where}:{node.start_mark.line + 1}: {path or 'the recipe'} expands to more than "
+                                  f"{MAX_YAML_VALUES} values through YAML aliases (&name / *name); a recipe needs a few hundred")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: {path or 'the recipe'} contains itself through a YAML alias")
+        on_path.add(id(node))
+        stack.append((node, path, True))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    stack += [(key, path, False), (value, path, False)]
+                    continue
+                key_path = f"{path}.{key.value}" if path else str(key.value)
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{where}:{key.start_mark.line + 1}: duplicate key {_short(key_path)} "
+                                      f"(first at line {seen[(key.tag, key.value)]}); keep one")
+                seen[(key.tag, key.value)] = key.start_mark.line + 1
+                stack += [(key, key_path, False), (value, key_path, False)]
+        else:
+            stack += [(c, f"{path}[{i}]", False) for i, c in enumerate(children)]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text to Python values with _RecipeLoader; every problem is one ConfigError line.
+
+    `where` names the text in messages (a file name, or "override x=y").
+    """
+    loader = None
+    try:
+        loader = _RecipeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, where)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(f"{where}: not valid YAML: unacceptable character #x{exc.character:04x} "
+                          f"at character {exc.position} ({exc.reason})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        context = f" ({_one_line(exc.context)})" if exc.context else ""
+        raise ConfigError(f"{where}{at}: not valid YAML: {_one_line(exc.problem or '')}{context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not usable YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: packaged names and paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _packaged_recipes():
+    return importlib.resources.files(RECIPE_PACKAGE).joinpath(RECIPE_FOLDER)
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes' names (`demo`, `ffhq`, ...)."""
+    folder = _packaged_recipes()
+    return sorted(f.name[:-len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def is_recipe_name(recipe: str | Path) -> bool:
+    """A bare name (no `/`, no `.yaml`/`.yml` suffix) means a packaged recipe; anything else is a path."""
+    text = str(recipe)
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text) is not None and not text.endswith((".yaml", ".yml"))
+
+
+def read_recipe(recipe: str | Path) -> tuple[str, str]:
+    """(where, text) of a recipe: a packaged one by bare name, else the file at that path.
+
+    A path that does not exist is an error, never a packaged recipe of a similar name.
+    """
+    names = ", ".join(recipe_names())
+    if is_recipe_name(recipe):
+        resource = _packaged_recipes().joinpath(f"{recipe}.yaml")
+        if not resource.is_file():
+            raise ConfigError(f"no packaged recipe named {str(recipe)!r}; packaged recipes: {names} "
+                              f"(for a file of that name, give its path, e.g. ./{recipe})")
+        where, data = f"recipe {recipe}", resource.read_bytes()
+    else:
+        path = Path(recipe)
+        if not path.is_file():
+            what = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"recipe {str(recipe)!r} {what}; give the path of a YAML file, or a packaged "
+                              f"recipe by its bare name: {names}")
+        try:
+            where, data = str(path), path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"recipe {str(recipe)!r} cannot be read ({exc.strerror})") from None
+    try:
+        return where, data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}); "
+                          "save the recipe as UTF-8") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides and loading
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value), the value read as YAML (1.2 numbers)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"override {_short(item)} must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
-        raise ConfigError(f"override {item!r} must name a section and a key, e.g. train.batch_size=4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from exc
+        raise ConfigError(f"override {_short(item)} must name a section and a key, e.g. train.batch_size=4")
+    value = parse_yaml(raw, f"override {_short(item)}") if raw.strip() != "" else ""
     return parts, value
 
 
@@ -479,7 +793,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"override {_short(item)}: {part} is not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -488,16 +802,15 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> di
 def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a recipe (or the defaults when None), apply overrides, validate strictly."""
     data: dict[str, Any] = {}
+    where = "the overrides"
     if recipe is not None:
-        path = resolve_recipe_path(recipe)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+        where, text = read_recipe(recipe)
+        loaded = parse_yaml(text, where)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections")
+            raise ConfigError(f"{where} must be a mapping of sections, got {_short(loaded)}")
         data = loaded or {}
     data = apply_overrides(data, overrides)
+    _refuse_legacy(data, where)
     return config_from_dict(data)
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from uvq import __version__
 from uvq.checkpoint import save_checkpoint
+from uvq.config import drop_legacy_keys
 from uvq.files import atomic_write_json, atomic_write_text, prepare_out_dir
 from uvq.runtime import DistInfo, UserError
 
@@ -119,7 +120,7 @@ class RunDir:
         f = self.path / "config.yaml"
         if not f.is_file():
             return None
-        return yaml.safe_load(f.read_text())
+        return drop_legacy_keys(yaml.safe_load(f.read_text()))
 
     def _check_resumable(self, saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
         old, new = _flatten(saved), _flatten(config)

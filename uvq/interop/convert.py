@@ -420,8 +420,8 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
 
 
 def _prior_section(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The PriorConfig dict of an imported prior (the authors' network ignores t)."""
-    return {"name": "absorbing_transformer.v1", **cfg, "dropout": 0.0, "time_conditioning": False}
+    """The PriorConfig dict of an imported prior."""
+    return {"name": "absorbing_transformer.v1", **cfg, "dropout": 0.0}
 
 
 def _ckpt_summary(path: Path, cfg: dict[str, Any], mapping: KeyMap) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "v
     pcfg = section_from_dict(PriorConfig, pc, "model.prior")
     tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
     process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
-                                 T=tcfg.T if tcfg.T is not None else pcfg.n_tokens, masking=tcfg.masking,
+                                 T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
                                  time_sampling="uniform")
     result = elbo_per_image(model, process, manifest, split=split, estimator=estimator, draws=draws,
                             batch_size=batch_size, max_samples=max_samples, seed=seed, device=dev,

@@ -143,9 +143,6 @@ def _init_weights(module: nn.Module) -> None:
 
 @register("priors", "absorbing_transformer.v1")
 def build_absorbing_transformer(cfg: PriorConfig) -> AbsorbingTransformer:
-    if cfg.time_conditioning:
-        raise UserError("model.prior.time_conditioning=true is not supported by absorbing_transformer.v1 "
-                        "(the paper's network ignores t); set it to false")
     return AbsorbingTransformer(codebook_size=cfg.codebook_size, n_tokens=cfg.n_tokens, n_embd=cfg.n_embd,
                                 n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout)
 

@@ -126,9 +126,8 @@ def _build(cfg: Config, device: torch.device):
 
     pc, tc = cfg.model.prior, cfg.prior_train
     model = registry.get("priors", pc.name)(pc).to(device)
-    T = tc.T if tc.T is not None else pc.n_tokens
-    process = AbsorbingDiffusion(n_tokens=pc.n_tokens, codebook_size=pc.codebook_size, T=T, masking=tc.masking,
-                                 time_sampling=tc.time_sampling)
+    process = AbsorbingDiffusion(n_tokens=pc.n_tokens, codebook_size=pc.codebook_size, T=tc.diffusion_steps(pc),
+                                 masking=tc.masking, time_sampling=tc.time_sampling)
     return model, process
 
 

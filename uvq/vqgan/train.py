@@ -166,7 +166,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     augment = functools.partial(diff_augment, policy=tc.diffaug_policy, generator=aug_gen)
 
     # Two Adam optimisers, written out (the authors': default betas, the same lr for both).
-    lr = tc.learning_rate * (dist.world_size if tc.lr is None else 1)  # 4.5e-6 x the global batch
+    lr = tc.learning_rate(dist.world_size)  # 4.5e-6 x the global batch unless train.lr is set
     fused = True if cuda else None  # one kernel per step for all parameters on CUDA
     opt_ae = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=tuple(tc.betas), fused=fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr * tc.disc_lr_mult, betas=tuple(tc.betas), fused=fused)
