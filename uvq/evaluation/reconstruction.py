@@ -115,7 +115,7 @@ def evaluate_vqgan(checkpoint: str | Path, data: str, *, split: str = "val", bat
     """
     from uvq.checkpoint import load_model
     from uvq.config import DataConfig, section_from_dict
-    from uvq.data.sources import iterate_images
+    from uvq.data.streams import iterate_images
 
     progress = progress or null_progress
     device = torch.device(device)

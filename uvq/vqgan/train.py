@@ -36,7 +36,7 @@ from torch import nn
 
 from uvq.checkpoint import load_state_dict, load_trainer_state
 from uvq.config import Config
-from uvq.data.sources import train_batches
+from uvq.data.streams import train_batches
 from uvq.ema import EMA
 from uvq.files import MARKER
 from uvq.images import save_grid
