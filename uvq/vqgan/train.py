@@ -55,7 +55,7 @@ from uvq.runtime import (
 )
 from uvq.vqgan.augment import diff_augment, parse_policy
 from uvq.vqgan.losses import adaptive_weight, disc_factor
-from uvq.vqgan.model import build_vqgan
+from uvq.vqgan.model import build_vqgan, perplexity
 
 TASK = "fit-vqgan"
 # Logged means, each over the steps of its window that computed it (its counter).
@@ -414,9 +414,8 @@ def _reduce_window(window: dict[str, torch.Tensor], dist: DistInfo) -> dict[str,
     counts = window["codes"]
     total = float(counts.sum())
     if total > 0:
-        p = counts / total
         out["usage"] = float((counts > 0).double().mean())
-        out["perplexity"] = float(torch.exp(-torch.special.xlogy(p, p).sum()))
+        out["perplexity"] = float(perplexity(counts))
     return out
 
 
