@@ -2,9 +2,9 @@
 
 Measures tokens/s of full training steps (masking, forward, reweighted-ELBO loss, backward, Adam)
 at the paper's size (76.8M parameters, 256 tokens, 1024 codes; random weights) and at the demo
-recipe's size, for uvq's `AbsorbingTransformer` and, in the same run, for a literal reference
-written below with the authors' layer layout (separate key/query/value Linears, explicit softmax
-attention, fp32; samb-t/unleashing-transformers models/transformer.py). Each measurement runs in
+recipe's size, for uvq's `AbsorbingTransformer` and, in the same run, for the authors' network
+(uvq.interop.reference.AuthorsTransformer: separate key/query/value Linears, explicit softmax
+attention; samb-t/unleashing-transformers models/transformer.py). Each measurement runs in
 its own process so that its peak memory is its own.
 
     python benchmarks/bench_prior_train.py            # CPU: small batches, uvq vs reference
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -38,67 +37,6 @@ SIZES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference: the authors' layer layout, written literally
-# ---------------------------------------------------------------------------------------------
-
-
-def build_reference(n_embd: int, n_head: int, n_layer: int, codebook_size: int, n_tokens: int):
-    import torch
-    from torch import nn
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.key = nn.Linear(n_embd, n_embd)
-            self.query = nn.Linear(n_embd, n_embd)
-            self.value = nn.Linear(n_embd, n_embd)
-            self.attn_drop = nn.Dropout(0.0)
-            self.resid_drop = nn.Dropout(0.0)
-            self.proj = nn.Linear(n_embd, n_embd)
-
-        def forward(self, x):
-            B, T, C = x.size()
-            k = self.key(x).view(B, T, n_head, C // n_head).transpose(1, 2)
-            q = self.query(x).view(B, T, n_head, C // n_head).transpose(1, 2)
-            v = self.value(x).view(B, T, n_head, C // n_head).transpose(1, 2)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = self.attn_drop(torch.softmax(att, dim=-1))
-            y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            return self.resid_drop(self.proj(y))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1 = nn.LayerNorm(n_embd)
-            self.ln2 = nn.LayerNorm(n_embd)
-            self.attn = Attention()
-            self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(),
-                                     nn.Linear(4 * n_embd, n_embd), nn.Dropout(0.0))
-
-        def forward(self, x):
-            x = x + self.attn(self.ln1(x))
-            return x + self.mlp(self.ln2(x))
-
-    class Transformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)
-            self.pos_emb = nn.Parameter(torch.zeros(1, n_tokens, n_embd))
-            self.drop = nn.Dropout(0.0)
-            self.blocks = nn.Sequential(*[Block() for _ in range(n_layer)])
-            self.ln_f = nn.LayerNorm(n_embd)
-            self.head = nn.Linear(n_embd, codebook_size, bias=False)
-
-        def forward(self, idx):
-            x = self.drop(self.tok_emb(idx) + self.pos_emb[:, : idx.shape[1]])
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.ln_f(x))
-
-    return Transformer()
-
-
-# ---------------------------------------------------------------------------------------------
 # One measurement (run in a child process)
 # ---------------------------------------------------------------------------------------------
 
@@ -111,6 +49,7 @@ def _rss_mib() -> float:
 def measure(size: str, impl: str, precision: str, device_name: str, batch: int, steps: int, warmup: int) -> dict:
     import torch
 
+    from uvq.interop.reference import AuthorsTransformer
     from uvq.prior.absorbing import AbsorbingDiffusion
     from uvq.prior.model import AbsorbingTransformer, flops_per_token
     from uvq.runtime import amp_context
@@ -122,7 +61,7 @@ def measure(size: str, impl: str, precision: str, device_name: str, batch: int, 
     if impl == "uvq":
         model = AbsorbingTransformer(codebook_size=K, n_tokens=N, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
     else:
-        model = build_reference(n_embd, n_head, n_layer, K, N)
+        model = AuthorsTransformer(K, N, n_embd, n_head, n_layer)
     model.to(device).train()
     process = AbsorbingDiffusion(N, K)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)

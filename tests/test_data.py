@@ -18,17 +18,8 @@ from torchvision import transforms as T
 
 from uvq.config import DataConfig
 from uvq.data.demo import demo_array, demo_image, demo_key, write_demo_folder
-from uvq.data.sources import (
-    DemoSource,
-    count_images,
-    decode_image,
-    in_split,
-    iterate_images,
-    key_fraction,
-    resolve_stream,
-    train_batches,
-)
-from uvq.data.streams import shard_assignment
+from uvq.data.sources import DemoSource, decode_image, in_split, key_fraction, resolve_stream
+from uvq.data.streams import count_images, iterate_images, shard_assignment, train_batches
 from uvq.images import load_rgb
 from uvq.registry import registry
 from uvq.runtime import UserError
@@ -164,9 +155,18 @@ def test_folder_key_clash_and_empty_folder_are_user_errors(tmp_path):
     _rand_rgb(8, 8, 0).save(tmp_path / "clash" / "x.jpg")
     with pytest.raises(UserError, match="same key 'x'"):
         count_images(DataConfig(source=str(tmp_path / "clash")))
-    _write_shards(tmp_path / "tars", 1, 2)
-    with pytest.raises(UserError, match="no images found.*brace pattern"):
-        count_images(DataConfig(source=str(tmp_path / "tars")))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    with pytest.raises(UserError, match="holds no images"):
+        count_images(DataConfig(source=str(tmp_path / "empty")))
+
+
+def test_folder_of_shards_is_a_webdataset_source(tmp_path):
+    """A folder holding only .tar files reads as its shards, in every stage alike."""
+    keys = _write_shards(tmp_path / "tars", 2, 3)
+    cfg = DataConfig(source=str(tmp_path / "tars"), val_fraction=0.0)
+    assert resolve_stream(cfg) == "webdataset.v1" and count_images(cfg) is None
+    assert _all_keys(cfg, 8) == keys
 
 
 def test_webdataset_source_reads_shards_and_brace_patterns(tmp_path):

@@ -188,7 +188,7 @@ def _encode(tiny, out, **kw):
 
 
 def test_encode_writes_the_vqgans_codes_and_flips(tmp_path, tiny_vqgan):
-    from uvq.data.sources import iterate_images
+    from uvq.data.streams import iterate_images
 
     cfg, model, meta, path = tiny_vqgan
     m = _encode(tiny_vqgan, tmp_path / "lat")

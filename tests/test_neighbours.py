@@ -70,7 +70,7 @@ def test_exact_neighbours_equal_brute_force(model, reference):
     (reference / "999.png").write_bytes(b"broken")  # unreadable: skipped and reported
     ref_set = open_set(reference)
     kept, refs, bad = _load_all(ref_set, SIZE)
-    assert bad == ["999.png"] and len(kept) == 24
+    assert bad == ["999"] and len(kept) == 24
     samples = (refs[[3, 11, 20]] + 0.03 * torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
 
     found = find_neighbours(samples, ref_set, model, k=4, batch_size=5)
@@ -79,7 +79,7 @@ def test_exact_neighbours_equal_brute_force(model, reference):
     assert torch.equal(found["indices"], expected)
     torch.testing.assert_close(found["distances"], dist[:, :4], rtol=1e-4, atol=1e-6)
     assert found["indices"][:, 0].tolist() == [3, 11, 20]  # each sample's source is its nearest
-    assert found["unreadable"] == ["999.png"]
+    assert found["unreadable"] == ["999"]
 
     # Samples taken in groups (as when their features do not fit in memory) change nothing.
     grouped = find_neighbours(samples, ref_set, model, k=4, batch_size=7, memory_bytes=1)
@@ -144,7 +144,7 @@ def test_cli_neighbours(tmp_path, capsys, monkeypatch):
     assert report["samples"]["kind"] == "samples" and report["samples"]["sample_meta"]["temperature"] == 0.9
     with open(out / "neighbours.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 6 and rows[0]["sample"] == "sample-00000.png" and rows[0]["rank"] == "1"
+    assert len(rows) == 6 and rows[0]["sample"] == "sample-00000" and rows[0]["rank"] == "1"
     assert [r["reference"] for r in rows[:2]] == report["neighbours"][0]["reference"]
     d = [float(r["distance"]) for r in rows[:2]]
     assert d == sorted(d)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from uvq.config import PriorConfig, load_config
 from uvq.interop.layouts import infer_official_prior, map_official_prior
+from uvq.interop.reference import reference_from
 from uvq.prior.model import (
     PRESETS,
     AbsorbingTransformer,
@@ -19,25 +17,6 @@ from uvq.prior.model import (
 )
 from uvq.registry import registry
 from uvq.runtime import UserError
-
-
-def _reference_forward(model: AbsorbingTransformer, x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The authors' computation written out independently: separate q, k, v, explicit softmax."""
-    h = model.tok_emb.weight[x] + model.pos_emb
-    for block in model.blocks:
-        a = F.layer_norm(h, h.shape[-1:], block.ln1.weight, block.ln1.bias, 1e-5)
-        wq, wk, wv = block.attn.qkv.weight.chunk(3, 0)
-        bq, bk, bv = block.attn.qkv.bias.chunk(3, 0)
-        B, N, C = a.shape
-        q, k, v = (F.linear(a, w, b).view(B, N, n_head, C // n_head).transpose(1, 2)
-                   for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // n_head), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, N, C)
-        h = h + block.attn.proj(y)
-        m = F.layer_norm(h, h.shape[-1:], block.ln2.weight, block.ln2.bias, 1e-5)
-        h = h + block.mlp[2](0.5 * block.mlp[0](m) * (1 + torch.erf(block.mlp[0](m) / math.sqrt(2))))
-    h = F.layer_norm(h, h.shape[-1:], model.ln_f.weight, model.ln_f.bias, 1e-5)
-    return h @ model.head.weight.T
 
 
 def test_paper_preset_has_76_8m_parameters():
@@ -63,7 +42,7 @@ def test_forward_shapes_and_independent_reference():
     x[0] = cfg.mask_id
     logits = model(x)
     assert logits.shape == (5, 12, 10) and logits.dtype == torch.float32
-    torch.testing.assert_close(logits, _reference_forward(model, x, 4), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference_from(model, 4)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_is_bidirectional():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from uvq.config import SampleConfig
+from uvq.interop.reference import authors_loop, reference_from
 from uvq.prior.model import AbsorbingTransformer
 from uvq.registry import registry
 from uvq.runtime import UserError
@@ -61,30 +62,15 @@ def cheap_predict(k: int):
 
 
 def literal_paper_loop(x, net, *, mask_id, steps, temp, rng, t_start=None):
-    """The authors' loop, written out: the network runs on every sample at every step.
+    """The authors' loop (uvq.interop.reference.authors_loop), the network on every sample at every step.
 
     Same draws as uvq's chain (two uniform tensors per step from the same SampleRNG) and the same
     inverse-CDF categorical draw, so the two must agree exactly. Returns (x, passes, reveal_rows)
     where reveal_rows counts (sample, step) pairs that revealed at least one token.
     """
-    x = x.clone()
-    unmasked = x != mask_id
-    passes = reveal_rows = 0
-    for t in range(t_start or steps, 0, -1):
-        u_reveal = rng.rand(x.shape[1])
-        u_value = rng.rand(x.shape[1])
-        changes = u_reveal < 1.0 / t
-        changes = torch.bitwise_xor(changes, torch.bitwise_and(changes, unmasked))  # as the authors
-        unmasked = torch.bitwise_or(unmasked, changes)
-        logits = net(x)  # every step
-        passes += x.shape[0]
-        reveal_rows += int(changes.any(1).sum())
-        probs = (logits.float() / temp).softmax(-1)
-        cdf = probs.cumsum(-1)
-        v = u_value[..., None] * cdf[..., -1:]
-        x_0_hat = (cdf <= v).sum(-1).clamp_max(probs.shape[-1] - 1)
-        x[changes] = x_0_hat[changes]
-    return x, passes, reveal_rows
+    out, run, reveal_rows = authors_loop(net, x, mask_id=mask_id, steps=steps, temp=temp,
+                                         uniform=lambda: rng.rand(x.shape[1]), t_start=t_start)
+    return out, run * x.shape[0], reveal_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,8 +477,6 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_benchmark_reference_network_matches_the_prior(prior):
-    from uvq.bench import reference_from
-
     ref = reference_from(prior, n_head=2).eval()
     x = torch.randint(0, K + 1, (3, N))
     with torch.no_grad():

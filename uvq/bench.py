@@ -1,9 +1,9 @@
-"""Benchmarks of the sampler: uvq's chain against the literal reference loop, with figures and ratios (never pass/fail).
+"""Benchmarks of the sampler: uvq's chain against the authors' network and loop (uvq.interop.reference),
+with figures and ratios (never pass/fail).
 """
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from typing import Any
@@ -11,91 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# The literal reference: the authors' transformer layout and sampling loop
-# ---------------------------------------------------------------------------------------------
-
-
-class _RefAttention(nn.Module):
-    """Separate key / query / value Linears and attention written out, as the authors' layer."""
-
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.key, self.query, self.value = nn.Linear(n_embd, n_embd), nn.Linear(n_embd, n_embd), nn.Linear(n_embd, n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
-        self.n_head = n_head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        hs = C // self.n_head
-        k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)  # [B,H,T,hs]
-        q = self.query(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # [B,H,T,T]
-        y = att.softmax(-1) @ v  # [B,H,T,hs]
-        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class _RefBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = _RefAttention(n_embd, n_head)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class _RefTransformer(nn.Module):
-    def __init__(self, codebook_size: int, n_tokens: int, n_embd: int, n_head: int, n_layer: int) -> None:
-        super().__init__()
-        self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, n_tokens, n_embd))
-        self.blocks = nn.Sequential(*[_RefBlock(n_embd, n_head) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, codebook_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.ln_f(self.blocks(self.tok_emb(x) + self.pos_emb)))
-
-
-def reference_from(prior: nn.Module, n_head: int) -> _RefTransformer:
-    """The reference network with the prior's weights (the fused qkv split back into three)."""
-    c = prior.tok_emb.weight.shape[1]
-    ref = _RefTransformer(prior.codebook_size, prior.n_tokens, c, n_head, len(prior.blocks))
-    sd = {}
-    for key, value in prior.state_dict().items():
-        if ".attn.qkv." in key:
-            for name, part in zip(("query", "key", "value"), value.chunk(3, 0), strict=True):
-                sd[key.replace(".qkv.", f".{name}.")] = part
-        else:
-            sd[key] = value
-    ref.load_state_dict(sd)
-    return ref
-
-
-@torch.no_grad()
-def reference_loop(net: nn.Module, b: int, *, n_tokens: int, mask_id: int, steps: int, temp: float,
-                   device: torch.device, amp: bool = False, max_steps: int | None = None) -> int:
-    """The authors' sampling loop for the first `max_steps` of `steps` steps; returns steps run."""
-    x = torch.full((b, n_tokens), mask_id, dtype=torch.long, device=device)
-    unmasked = torch.zeros_like(x, dtype=torch.bool)
-    run = 0
-    for t in reversed(range(1, steps + 1)):
-        if max_steps is not None and run >= max_steps:
-            break
-        changes = torch.rand(x.shape, device=device) < 1.0 / t
-        changes = torch.bitwise_xor(changes, torch.bitwise_and(changes, unmasked))
-        unmasked = torch.bitwise_or(unmasked, changes)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)
-        x_0 = torch.distributions.Categorical(logits=logits.float() / temp).sample()
-        x[changes] = x_0[changes]
-        run += 1
-    return run
-
+from uvq.interop.reference import authors_loop, reference_from
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -121,10 +37,17 @@ def _peak_mb(device: torch.device) -> float:
 def _time_reference(ref: nn.Module, b: int, args: dict[str, Any], variants, steps_now: int,
                     spent: dict[str, float], ran: dict[str, int]) -> None:
     """Run `steps_now` steps of the reference loop per variant, adding to the time and step counts."""
+    dev, shape = args["device"], (b, args["n_tokens"])
+    x = torch.full(shape, args["mask_id"], dtype=torch.long, device=dev)
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(shape, device=dev)
+
     for name, amp in variants:
         _sync(args["device"])
         t0 = time.perf_counter()
-        ran[name] += reference_loop(ref, b, amp=amp, max_steps=steps_now, **args)
+        ran[name] += authors_loop(ref, x, mask_id=args["mask_id"], steps=args["steps"], temp=args["temp"],
+                                  uniform=uniform, amp=amp, max_steps=steps_now)[1]
         _sync(args["device"])
         spent[name] += time.perf_counter() - t0
 

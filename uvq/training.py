@@ -31,6 +31,7 @@ from uvq.ema import EMA
 from uvq.progress import ProgressFn
 from uvq.rundir import RunDir
 from uvq.runtime import DistInfo, UserError, rng_state, set_rng_state
+from uvq.vqgan.model import perplexity  # the one definition (code usage of the VQGAN's codebook)
 
 # ---------------------------------------------------------------------------------------------
 # Seeds
@@ -113,8 +114,7 @@ class Meter:
         extra: list[torch.Tensor] = []
         if self.codes is not None:
             counts = packed[2 * n:]
-            p = counts / counts.sum()
-            extra = [counts.sum(), (counts > 0).double().mean(), torch.exp(-torch.special.xlogy(p, p).sum())]
+            extra = [counts.sum(), (counts > 0).double().mean(), perplexity(counts)]
         host = torch.cat([packed[:2 * n], *(e.reshape(1) for e in extra)]).tolist()  # the one sync
         out = {k: host[i] / host[n + i] for i, k in enumerate(self.keys) if host[n + i] > 0}
         if extra and host[2 * n] > 0:

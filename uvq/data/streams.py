@@ -1,23 +1,24 @@
-"""Reading images: webdataset shards, ranks x DataLoader workers, and the streams of batches.
+"""Reading images as batches: ranks x DataLoader workers, the training stream and one pass.
 
-The machinery behind uvq.data.sources's entry points (train_batches, iterate_images):
+Built on the sources of uvq.data.sources (this module imports that one, never the reverse).
+Every image becomes FloatTensor [3,S,S] in [0,1] exactly as the official loaders make it
+(torchvision Resize(S) of the short side, CenterCrop(S), ToTensor), with an optional random
+horizontal flip while training. Two ways to read:
 
-    ShardSource      webdataset.v1: tar shards read as streams, truncated shards detected
-    shard_assignment which shards and samples each (rank, worker) slot reads
-    TrainStream      the infinite, reshuffled, exactly resumable training stream
-    ImagePass        one deterministic pass in key order (encoding, evaluation)
+    train_batches(...)   an infinite, reshuffled, resumable stream of training batches (TrainStream)
+    iterate_images(...)  one deterministic pass in key order (encoding, evaluation; ImagePass)
+    count_images(...)    how many images a pass would offer, without opening any
 
-Workers decode images into chunks; the main process unpacks them, applies uvq.data.sources's bad-image
-policy, flips and batches, so that the data position it keeps makes resuming exact.
+Work is split across torchrun ranks and DataLoader workers with no duplicates and no omissions
+(shard_assignment). Workers decode images into chunks; the main process unpacks them, applies
+the bad-image policy (skip, count and warn, or raise under data.strict), flips and batches, so
+that the data position it keeps makes resuming exact.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import re
-import tarfile
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -25,99 +26,24 @@ from typing import Any
 import torch
 
 from uvq.config import DataConfig
-from uvq.data.sources import BadImage, DataStats, _indexable, decode_image, in_split, to_float
-from uvq.progress import ProgressFn
-from uvq.registry import register
-from uvq.runtime import UserError
-
-# Extensions that hold the image of a webdataset sample, in order of preference.
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff", "gif")
+from uvq.data.sources import (
+    BadImage,
+    DataStats,
+    ShardSource,
+    build_source,
+    check_split,
+    in_split,
+    is_indexable,
+    to_float,
+)
+from uvq.progress import ProgressFn, null_progress
+from uvq.runtime import UserError, dist_info
 
 
 def _mix(*parts: Any) -> int:
     """A 63-bit seed from any values, stable across processes and Python versions (not hash())."""
     digest = hashlib.sha256(("uvq-data:" + ":".join(map(str, parts))).encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# webdataset.v1: tar shards, read as streams (folder.v1 and demo.v1 are in uvq.data.sources)
-# ---------------------------------------------------------------------------------------------
-
-
-def _tar_key_ext(name: str) -> tuple[str | None, str | None]:
-    """webdataset's naming: the key is the path up to the first dot of the file name."""
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    return (match.group(1), match.group(2).lower()) if match else (None, None)
-
-
-class ShardSource:
-    """webdataset tar shards. `spec` is expanded as webdataset does ('::' lists, braces, $WDS_ vars);
-    shards are opened with webdataset's gopen, so local paths, URLs and 'pipe:' commands work.
-
-    Samples are files grouped by key (webdataset's convention: path up to the first dot of the
-    name, `__key__`); the image is the first member whose extension is in SHARD_IMAGE_EXTS.
-    """
-
-    name = "webdataset.v1"
-
-    def __init__(self, spec: str, max_images: int | None = None) -> None:
-        from webdataset.shardlists import expand_urls
-
-        self.spec = spec
-        self.urls = expand_urls(spec)
-        self.max_images = max_images
-        if not self.urls:
-            raise UserError(f"data.source {spec!r} expands to no shards")
-        for url in self.urls:
-            if "://" not in url and not url.startswith("pipe:") and url != "-" and not os.path.exists(url):
-                raise UserError(f"webdataset shard {url} (from data.source {spec!r}) does not exist")
-
-    def read(self, url: str) -> Iterator[tuple[str, str, Any]]:
-        """Yield ('sample', key, {ext: bytes}) per sample, then ('bad_shard', url, message) if the
-        shard is unreadable or truncated (the samples read before the damage are still yielded)."""
-        from webdataset import gopen
-
-        key, members = None, {}
-        try:
-            with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    name = info.name
-                    k, ext = _tar_key_ext(name)
-                    if not info.isreg() or k is None or os.path.basename(name).startswith("__"):
-                        continue
-                    data = tar.extractfile(info).read()
-                    if k != key:
-                        if members:
-                            yield "sample", key, members
-                        key, members = k, {}
-                    members[ext] = data
-                    tar.members = []  # streaming: do not keep every header in memory
-                # tarfile ends quietly when a shard is cut at a header; a whole shard ends with a
-                # zero block, so fewer than 512 bytes read at the final header means truncation.
-                read_to = getattr(tar.fileobj, "pos", None)
-                if read_to is not None and read_to - tar.offset < tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
-        except Exception as exc:  # tarfile.ReadError, EOFError, OSError, zlib errors, a failed pipe
-            if members:
-                yield "sample", key, members
-            yield "bad_shard", url, f"{type(exc).__name__}: {exc}"
-            return
-        if members:
-            yield "sample", key, members
-
-    @staticmethod
-    def decode(members: dict[str, bytes], size: int) -> torch.Tensor:
-        for ext in SHARD_IMAGE_EXTS:
-            if ext in members:
-                return decode_image(members[ext], size)
-        raise BadImage(f"no image member (one of {', '.join(SHARD_IMAGE_EXTS)}) in sample "
-                       f"with members {', '.join(sorted(members)) or 'none'}")
-
-
-@register("streams", "webdataset.v1")
-def build_webdataset_source(cfg: DataConfig) -> ShardSource:
-    return ShardSource(cfg.source, max_images=cfg.max_images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +317,7 @@ class TrainStream:
         self._records = _Records(self.stats, strict, progress)
         self._flip_gen = torch.Generator().manual_seed(_mix(seed, "flip", rank))
         self._chunks: Iterator | None = None
-        self.indexed = _indexable(source)
+        self.indexed = is_indexable(source)
         if self.indexed:
             self.items = [i for i, k in enumerate(source.keys) if in_split(k, split, val_fraction)]
             if not self.items:
@@ -534,7 +460,7 @@ class ImagePass:
         self.batch_size = batch_size
         self._records = _Records(self.stats, strict, progress)
         chunk = min(batch_size, 64)
-        if _indexable(source):
+        if is_indexable(source):
             items = [i for i, k in enumerate(source.keys) if in_split(k, split, val_fraction)][rank::world_size]
             self.total: int | None = len(items)
             dataset = _IndexedStream(source, img_size, _PassOrder(items), 0, chunk)
@@ -565,3 +491,75 @@ class ImagePass:
         if not images:
             raise StopIteration
         return {"key": keys, "image": to_float(torch.stack(images))}  # [B,3,S,S]
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _opened(cfg: DataConfig, split: str, batch_size: int, rank: int | None, world_size: int | None,
+            progress: ProgressFn) -> tuple[Any, int, int]:
+    """Check the request, build the source and report its warnings (e.g. symlink loops skipped)."""
+    check_split(split)
+    if batch_size < 1:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    dist = dist_info()
+    source = build_source(cfg)
+    for message in getattr(source, "warnings", ()):
+        progress({"event": "warn", "message": message})
+    return source, dist.rank if rank is None else rank, dist.world_size if world_size is None else world_size
+
+
+def train_batches(cfg: DataConfig, img_size: int, batch_size: int, *, seed: int, rank: int | None = None,
+                  world_size: int | None = None, split: str = "train", progress: ProgressFn | None = None
+                  ) -> TrainStream:
+    """An infinite stream of training batches {"key": list[str], "image": FloatTensor[B,3,S,S]}.
+
+    Images are resized (short side to img_size), center-cropped, flipped at random when cfg.hflip,
+    and in [0,1]. Each epoch is a fresh shuffle from (seed, epoch); this rank (default: the
+    torch.distributed rank) sees only its share, with no example on two ranks or two workers.
+    Decoding uses cfg.num_workers DataLoader workers. Bad images are skipped (counted in
+    `stream.stats`, warned through `progress`) or, with cfg.strict, raise UserError.
+    `stream.state_dict()` / `load_state_dict()` resume exactly (see TrainStream).
+    """
+    progress = progress or null_progress
+    source, rank, world_size = _opened(cfg, split, batch_size, rank, world_size, progress)
+    return TrainStream(source, img_size, batch_size, seed=seed, rank=rank, world_size=world_size,
+                       split=split, val_fraction=cfg.val_fraction, hflip=cfg.hflip, num_workers=cfg.num_workers,
+                       strict=cfg.strict, shuffle_buffer=cfg.shuffle_buffer, progress=progress)
+
+
+def iterate_images(cfg: DataConfig, img_size: int, *, split: str, batch_size: int, rank: int | None = None,
+                   world_size: int | None = None, progress: ProgressFn | None = None) -> ImagePass:
+    """One deterministic pass over `split` ('train', 'val' or 'all'): batches {"key", "image"}.
+
+    No flip, no shuffle; images are resized and center-cropped to img_size, values in [0,1].
+    Batches are full except the last. This rank (default: the torch.distributed rank) reads only
+    its share. Any folder of images works as cfg.source (e.g. generated samples for evaluation).
+    Bad images follow cfg.strict as in train_batches; the returned ImagePass has `.stats` and
+    `.total`.
+    """
+    progress = progress or null_progress
+    source, rank, world_size = _opened(cfg, split, batch_size, rank, world_size, progress)
+    return ImagePass(source, img_size, batch_size, split=split, val_fraction=cfg.val_fraction,
+                     rank=rank, world_size=world_size, num_workers=cfg.num_workers, strict=cfg.strict,
+                     progress=progress)
+
+
+def count_images(cfg: DataConfig, *, split: str = "all", rank: int | None = None,
+                 world_size: int | None = None) -> int | None:
+    """How many images iterate_images would offer this rank (before bad ones are skipped).
+
+    Cheap for folder and demo sources (no image is opened); None for webdataset shards, whose
+    length is only known by reading them.
+    """
+    check_split(split)
+    dist = dist_info()
+    rank = dist.rank if rank is None else rank
+    world_size = dist.world_size if world_size is None else world_size
+    source = build_source(cfg)
+    if not is_indexable(source):
+        return None
+    n = sum(in_split(k, split, cfg.val_fraction) for k in source.keys)
+    return len(range(rank, n, world_size))

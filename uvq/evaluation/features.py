@@ -2,8 +2,9 @@
 
 The paper evaluates samples with 2048-d InceptionV3 pool features (torch-fidelity's
 `inception-v3-compat` extractor) over 50k samples against the training set. This module says
-what a set of images is (a folder, a `uvq sample` directory, webdataset shards, the demo set,
-or a stored features / statistics file standing for one), hashes it by content, and extracts
+what a set of images is (any image source of uvq.data.sources: a folder, webdataset shards
+local or remote or `pipe:`, the demo set, a plugin stream; a `uvq sample` directory; or a
+stored features / statistics file standing for one), hashes it by content, and extracts
 its features through the registered extractor, cached by content (never by name). The metrics
 on those features are in uvq.evaluation.metrics.
 
@@ -14,112 +15,68 @@ set's features are extracted and cached.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import re
-import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from uvq.config import DataConfig
+from uvq.data.sources import (
+    BadImage,
+    DemoSource,
+    FolderSource,
+    build_source,
+    decode_image,
+    encoded_images,
+    is_indexable,
+)
 from uvq.files import atomic_path, sha256_file
-from uvq.images import to_rgb
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register
 from uvq.runtime import UserError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
+FEATURE_FILES = (".npz", ".npy", ".safetensors")
 
 # ---------------------------------------------------------------------------------------------
 # Image sets: the samples and the reference, read in a fixed order and hashed by content
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Item:
-    """One image of a set: its key (stable name inside the set) and where its bytes are."""
-
-    key: str
-    path: Path
-    member: str | None = None  # tar member name for webdataset shards
-    demo: tuple[int, int] | None = None  # (index, size) of an image of the embedded demo set
-
-
 @dataclass
 class ImageSet:
     """A set of images to evaluate, or a stored features / statistics file standing for one.
 
-    `kind` is "folder", "samples" (a `uvq sample` output directory), "webdataset", "demo", "features"
-    (an [N, D] array in .npy / .safetensors) or "stats" (an .npz with mu and sigma).
-    `content_sha256` hashes every key and every byte in order: two sets with the same hash are
-    the same images, whatever their names.
+    `kind` is "folder", "samples" (a `uvq sample` output directory), "webdataset", "demo", a
+    plugin stream's name, "features" (an [N, D] array in .npy / .safetensors) or "stats" (an
+    .npz with mu and sigma). `reader` is the image source (uvq.data.sources) and `keys` its keys
+    in reading order. `content_sha256` hashes every key and every byte in order: two sets with
+    the same hash are the same images, whatever their names.
     """
 
     source: str
     kind: str
-    items: list[Item] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
     content_sha256: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # samples.json of a `uvq sample` directory
+    reader: Any = None
 
     @property
     def is_images(self) -> bool:
-        return self.kind in ("folder", "samples", "webdataset", "demo")
+        return self.kind not in ("features", "stats")
 
     def describe(self) -> dict[str, Any]:
         out = {"source": self.source, "kind": self.kind, "content_sha256": self.content_sha256}
         if self.is_images:
-            out["n_files"] = len(self.items)
+            out["n_files"] = len(self.keys)
         if self.meta:
             out["sample_meta"] = self.meta
         return out
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS)
-
-
-def _folder_items(root: Path, pattern: str = "**/*") -> list[Item]:
-    files = sorted(p for p in root.glob(pattern) if p.is_file() and _is_image_name(p.name)
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return [Item(p.relative_to(root).as_posix(), p) for p in files]
-
-
-def _shard_items(shards: Sequence[Path]) -> list[Item]:
-    """Webdataset convention: members `dir/key.ext` group by key; one image per key."""
-    items: list[Item] = []
-    for shard in shards:
-        seen: set[str] = set()
-        try:
-            with tarfile.open(shard, "r:*") as tar:
-                for m in tar:
-                    if not m.isfile() or not _is_image_name(m.name):
-                        continue
-                    base = m.name.rsplit("/", 1)
-                    stem = base[-1].split(".", 1)[0]
-                    key = (base[0] + "/" if len(base) == 2 else "") + stem
-                    if key in seen:  # a second image of the same sample (e.g. .png and .jpg)
-                        continue
-                    seen.add(key)
-                    items.append(Item(f"{shard.name}/{key}", shard, m.name))
-        except (tarfile.TarError, OSError) as exc:
-            raise UserError(f"webdataset shard {shard} cannot be read ({exc}); check the file or remove it from the set") from exc
-    return items
-
-
-def _expand_shards(source: str) -> list[Path]:
-    from braceexpand import braceexpand
-
-    paths = [Path(p) for p in braceexpand(source)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"webdataset shard {missing[0]} does not exist ({len(missing)} of {len(paths)} missing); check the pattern {source!r}")
-    return paths
 
 
 def _samples_meta(path: Path) -> dict[str, Any]:
@@ -133,115 +90,69 @@ def _samples_meta(path: Path) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if len(json.dumps(v, default=str)) <= 4096}
 
 
-def open_set(source: str | Path, *, role: str = "set", progress: ProgressFn | None = None) -> ImageSet:
+_KINDS = {"folder.v1": "folder", "webdataset.v1": "webdataset", "demo.v1": "demo"}
+
+
+def _reader(text: str, role: str, stream: str) -> tuple[Any, str, dict[str, Any]]:
+    """The image source for `text` (uvq.data.sources), its kind, and a sample directory's meta."""
+    path = Path(text)
+    demo = re.fullmatch(r"demo(?::(\d+))?(?:@(\d+))?", text)
+    if stream == "auto" and demo and not path.exists():
+        # The embedded demo set drawn at a size: demo[:N][@SIZE], the demo recipe's 2048 images
+        # at 32 px by default.
+        return DemoSource(int(demo.group(1) or 2048), size=int(demo.group(2) or 32)), "demo", {}
+    if stream == "auto" and path.is_dir() and (path / "samples.json").is_file():
+        try:
+            reader = FolderSource(path, include="sample-*")
+        except UserError:  # renamed files: every image of the directory
+            reader = FolderSource(path)
+        return reader, "samples", _samples_meta(path / "samples.json")
+    if stream == "auto" and path.is_file() and path.suffix.lower() != ".tar" and "{" not in text:
+        raise UserError(f"{role} {path} is a single file; pass a folder of images, webdataset shards (.tar), "
+                        "a features file (.npy/.safetensors) or a statistics file (.npz)")
+    try:
+        reader = build_source(DataConfig(source=text, stream=stream))
+    except UserError as exc:
+        raise UserError(f"{role}: {exc}") from None
+    return reader, _KINDS.get(reader.name, reader.name), {}
+
+
+def open_set(source: str | Path, *, role: str = "set", stream: str = "auto",
+             progress: ProgressFn | None = None) -> ImageSet:
     """Resolve `source` into an ordered, content-hashed set (or a features / statistics file).
 
-    Accepts an image folder (recursive, sorted by relative path), a `uvq sample` output
-    directory (its sample-*.png), webdataset shards (a .tar, a brace pattern, or a folder of
-    .tar files), the embedded demo set (`demo[:N][@SIZE]`), a features file (.npy / .safetensors, [N, D]) or a statistics file (.npz with
-    mu and sigma). Remote URLs are not read: copy the shards locally first.
+    Images come through uvq.data.sources, as every stage reads them: an image folder (recursive,
+    sorted by key), webdataset shards (a .tar, a brace pattern, a URL, a `pipe:` command, or a
+    folder of .tar files), the embedded demo set (`demo[:N][@SIZE]`), or a plugin stream named
+    by `stream`; a `uvq sample` output directory gives its sample-*.png. A features file (.npy /
+    .safetensors, [N, D]) or a statistics file (.npz with mu and sigma) stands for a set.
     """
     progress = progress or null_progress
     text = str(source)
-    if "://" in text or text.startswith("pipe:"):
-        raise UserError(f"{role} {text!r} is a URL; evaluation reads local files only: download the shards and pass their path")
     path = Path(text)
-    demo = re.fullmatch(r"demo(?::(\d+))?(?:@(\d+))?", text)
-    if demo and not path.exists():
-        # The embedded demo set (uvq.data.demo), drawn at a size: demo[:N][@SIZE], the demo recipe's
-        # 2048 images at 32 px by default.
-        from uvq.data.demo import demo_key
-
-        n, size = int(demo.group(1) or 2048), int(demo.group(2) or 32)
-        items, kind, meta = [Item(demo_key(i), path, demo=(i, size)) for i in range(n)], "demo", {}
-    elif "{" in text and not path.exists():
-        items, kind = _shard_items(_expand_shards(text)), "webdataset"
-        meta: dict[str, Any] = {}
-    elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".npz", ".npy", ".safetensors"):
-            return ImageSet(text, "stats" if suffix == ".npz" else "features", [], sha256_file(path))
-        if suffix == ".tar":
-            items, kind, meta = _shard_items([path]), "webdataset", {}
-        else:
-            raise UserError(f"{role} {path} is a single file; pass a folder of images, webdataset shards (.tar), "
-                            "a features file (.npy/.safetensors) or a statistics file (.npz)")
-    elif path.is_dir():
-        shards = sorted(path.glob("*.tar"))
-        if (path / "samples.json").is_file():
-            items, kind, meta = _folder_items(path, "sample-*.png"), "samples", _samples_meta(path / "samples.json")
-            if not items:
-                items = _folder_items(path)
-        elif shards and not _folder_items(path):
-            items, kind, meta = _shard_items(shards), "webdataset", {}
-        else:
-            items, kind, meta = _folder_items(path), "folder", {}
-    else:
-        raise UserError(f"{role} {text} does not exist; pass an image folder, webdataset shards, or a features/statistics file")
-    if not items:
-        raise UserError(f"{role} {text} holds no images (looked for {', '.join(IMAGE_EXTS)}); point it at a folder or shards with images")
+    if stream == "auto" and path.is_file() and path.suffix.lower() in FEATURE_FILES:
+        return ImageSet(text, "stats" if path.suffix.lower() == ".npz" else "features", [], sha256_file(path))
+    reader, kind, meta = _reader(text, role, stream)
+    for message in reader.warnings:
+        progress({"event": "warn", "message": f"{role}: {message}"})
 
     # The content hash reads every byte once; a changed, added, removed or renamed image
     # changes it, so caches keyed by it can never serve stale features.
     digest = hashlib.sha256()
-    progress({"event": "start", "task": f"hash {role}", "total": len(items), "unit": "img"})
-    for n, (item, data) in enumerate(iter_bytes(items), 1):
-        digest.update(item.key.encode() + b"\0" + hashlib.sha256(data).digest())
-        if n % 256 == 0 or n == len(items):
-            progress({"event": "advance", "task": f"hash {role}", "n": 256 if n % 256 == 0 else n % 256, "metrics": {}})
+    total = len(reader.keys) if is_indexable(reader) else None
+    keys: list[str] = []
+    progress({"event": "start", "task": f"hash {role}", "total": total, "unit": "img"})
+    for _pos, key, _origin, data in encoded_images(reader):
+        digest.update(key.encode() + b"\0" + hashlib.sha256(data).digest())
+        keys.append(key)
+        if len(keys) % 256 == 0:
+            progress({"event": "advance", "task": f"hash {role}", "n": 256, "metrics": {}})
+    if len(keys) % 256:
+        progress({"event": "advance", "task": f"hash {role}", "n": len(keys) % 256, "metrics": {}})
     progress({"event": "end", "task": f"hash {role}"})
-    return ImageSet(text, kind, items, digest.hexdigest(), meta)
-
-
-def iter_bytes(items: Sequence[Item]) -> Iterator[tuple[Item, bytes]]:
-    """Yield (item, raw bytes) in order; tar shards are streamed, never seeked member by member."""
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if item.demo is not None:
-            from uvq.data.demo import demo_array
-
-            buf = io.BytesIO()
-            Image.fromarray(demo_array(*item.demo)).save(buf, format="PNG")
-            yield item, buf.getvalue()
-            i += 1
-            continue
-        if item.member is None:
-            try:
-                data = item.path.read_bytes()
-            except OSError:
-                data = b""  # unreadable: decoding fails later and is counted there
-            yield item, data
-            i += 1
-            continue
-        wanted: dict[str, list[Item]] = {}
-        j = i
-        while j < len(items) and items[j].path == item.path:
-            wanted.setdefault(items[j].member, []).append(items[j])
-            j += 1
-        found: dict[str, bytes] = {}
-        with tarfile.open(item.path, "r:*") as tar:
-            for m in tar:
-                if m.name in wanted and m.name not in found:
-                    fh = tar.extractfile(m)
-                    found[m.name] = fh.read() if fh is not None else b""
-        for it in items[i:j]:
-            yield it, found.get(it.member, b"")
-        i = j
-
-
-def decode_uint8(data: bytes) -> np.ndarray | None:
-    """Bytes -> HWC uint8 RGB at the image's own size, or None when they are not a usable image.
-
-    The bad-image policy (decompression-bomb limit, truncated files) is uvq.data.sources's.
-    """
-    from uvq.data.sources import BadImage, open_image
-
-    try:
-        im = open_image(io.BytesIO(data))
-        return np.asarray(to_rgb(im), dtype=np.uint8).copy()
-    except BadImage:
-        return None
+    if not keys:
+        raise UserError(f"{role} {text} holds no images; point it at a folder or shards with images")
+    return ImageSet(text, kind, keys, digest.hexdigest(), meta, reader)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +275,6 @@ class SetFeatures:
 
 
 def default_cache_dir() -> Path:
-    import os
-
     root = os.environ.get("UVQ_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "uvq")
     return Path(root) / "features"
 
@@ -430,29 +339,30 @@ def extract_features(image_set: ImageSet, extractor: InceptionFeatures, *, batch
                 info = {**image_set.describe(), **meta["set"], "cache_file": str(cache_file), "cache_hit": True}
                 return SetFeatures(info, features=feats)
 
-    n = len(image_set.items)
+    n = len(image_set.keys)
     feats = np.zeros((n, extractor.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     sizes: Counter[str] = Counter()
     unreadable: list[str] = []
-    pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    pending: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
 
     def flush(shape: tuple[int, int]) -> None:
         batch = pending.pop(shape)
-        x = torch.from_numpy(np.stack([a for _, a in batch])).permute(0, 3, 1, 2).contiguous()  # [B,H,W,3] -> [B,3,H,W]
+        x = torch.stack([a for _, a in batch])  # uint8 [B,3,H,W]
         out = extractor(x).numpy()
         for (idx, _), f in zip(batch, out, strict=True):
             feats[idx], ok[idx] = f, True
         progress({"event": "advance", "task": f"features {role}", "n": len(batch), "metrics": {}})
 
     progress({"event": "start", "task": f"features {role}", "total": n, "unit": "img"})
-    for idx, (item, data) in enumerate(iter_bytes(image_set.items)):
-        arr = decode_uint8(data)
-        if arr is None:
-            unreadable.append(item.key)
+    for idx, name, _origin, data in encoded_images(image_set.reader):
+        try:
+            arr = decode_image(data, None)  # uint8 [3,H,W] at the image's own size
+        except BadImage:
+            unreadable.append(name)
             progress({"event": "advance", "task": f"features {role}", "n": 1, "metrics": {}})
             continue
-        shape = (arr.shape[0], arr.shape[1])
+        shape = (arr.shape[1], arr.shape[2])
         sizes[f"{shape[1]}x{shape[0]}"] += 1
         pending.setdefault(shape, []).append((idx, arr))
         if len(pending[shape]) >= batch_size:

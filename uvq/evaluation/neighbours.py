@@ -21,7 +21,6 @@ in tests/test_neighbours.py).
 from __future__ import annotations
 
 import csv
-import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uvq import __version__
-from uvq.evaluation.features import ImageSet, iter_bytes, open_set
+from uvq.data.sources import BadImage, decode_image, encoded_images, to_float
+from uvq.evaluation.features import ImageSet, open_set
 from uvq.files import atomic_path, atomic_write_json
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
@@ -94,39 +94,29 @@ def _feature_bytes(lp: LPIPSFeatures, size: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, size: int) -> torch.Tensor | None:
-    """Bytes -> float [3,size,size] in [0,1] by uvq.data.sources's resize + centre crop; None if unreadable."""
-    from uvq.data.sources import BadImage, decode_image
-
-    try:
-        return decode_image(io.BytesIO(data), size).float().div_(255.0)
-    except BadImage:
-        return None
+def _decoded(image_set: ImageSet, size: int, indices: Sequence[int] | None, bad: list[str]):
+    """(index, float [3,size,size] in [0,1]) of the readable images (all, or `indices`), decoded
+    as the training data is (uvq.data.sources.decode_image); unreadable keys go to `bad`."""
+    for i, key, _origin, data in encoded_images(image_set.reader, None if indices is None else set(indices)):
+        try:
+            yield i, to_float(decode_image(data, size))
+        except BadImage:
+            bad.append(key)
 
 
 def _load_all(image_set: ImageSet, size: int, indices: Sequence[int] | None = None) -> tuple[list[int], torch.Tensor, list[str]]:
     """Decode (a subset of) a set: kept indices, images [n,3,size,size], unreadable keys."""
-    items = image_set.items if indices is None else [image_set.items[i] for i in indices]
-    index_of = list(range(len(items))) if indices is None else list(indices)
     kept, images, bad = [], [], []
-    for pos, (item, data) in enumerate(iter_bytes(items)):
-        x = _decode(data, size)
-        if x is None:
-            bad.append(item.key)
-        else:
-            kept.append(index_of[pos])
-            images.append(x)
+    for i, x in _decoded(image_set, size, indices, bad):
+        kept.append(i)
+        images.append(x)
     return kept, (torch.stack(images) if images else torch.zeros(0, 3, size, size)), bad
 
 
 def _stream(image_set: ImageSet, size: int, batch: int, bad: list[str]):
     """Yield (indices, images [b,3,size,size]) over the whole set, skipping unreadable files."""
     idx, imgs = [], []
-    for i, (item, data) in enumerate(iter_bytes(image_set.items)):
-        x = _decode(data, size)
-        if x is None:
-            bad.append(item.key)
-            continue
+    for i, x in _decoded(image_set, size, None, bad):
         idx.append(i)
         imgs.append(x)
         if len(idx) == batch:
@@ -163,12 +153,12 @@ def find_neighbours(samples: torch.Tensor, reference: ImageSet, lpips_model: nn.
     the best `prefilter` per sample, and rank those by LPIPS. Sample features are kept for the
     whole pass when they fit in `memory_bytes`, else samples are taken in groups (the reference
     is then read once per group). Returns {"distances": [S,k], "indices": [S,k] into
-    reference.items, "unreadable": [...], "groups": int}.
+    reference.keys, "unreadable": [...], "groups": int}.
     """
     progress = progress or null_progress
     if mode not in MODES:
         raise UserError(f"unknown neighbours mode {mode!r}; valid: {', '.join(MODES)}")
-    n_ref, s, size = len(reference.items), samples.shape[0], samples.shape[-1]
+    n_ref, s, size = len(reference.keys), samples.shape[0], samples.shape[-1]
     if k < 1 or k > n_ref:
         raise UserError(f"--k {k} asks for more neighbours than the reference's {n_ref} images; lower --k")
     if mode == "fast" and prefilter < k:
@@ -207,17 +197,17 @@ def _fast(samples, reference, lp, *, k, prefilter, batch_size, pixel_size, group
     s, size = samples.shape[0], samples.shape[-1]
     pool = min(pixel_size, size)
     cheap_s = F.adaptive_avg_pool2d(samples.float(), pool).flatten(1)  # [S, 3*p*p]
-    m = min(prefilter, len(reference.items))
+    m = min(prefilter, len(reference.keys))
     best_d = torch.full((s, 0), float("inf"))
     best_i = torch.zeros((s, 0), dtype=torch.long)
-    progress({"event": "start", "task": "neighbours prefilter", "total": len(reference.items), "unit": "img"})
+    progress({"event": "start", "task": "neighbours prefilter", "total": len(reference.keys), "unit": "img"})
     for idx, images in _stream(reference, size, max(batch_size, 64), bad):
         cheap_r = F.adaptive_avg_pool2d(images, pool).flatten(1)  # [b, 3*p*p]
         best_d, best_i = _merge_topk(best_d, best_i, torch.cdist(cheap_s, cheap_r).pow(2), idx, m)
         progress({"event": "advance", "task": "neighbours prefilter", "n": len(idx), "metrics": {}})
     progress({"event": "end", "task": "neighbours prefilter"})
     if best_d.shape[1] < k:
-        raise UserError(f"only {best_d.shape[1]} of the reference's {len(reference.items)} images are readable; lower --k")
+        raise UserError(f"only {best_d.shape[1]} of the reference's {len(reference.keys)} images are readable; lower --k")
 
     # LPIPS for the union of candidates: each candidate passes the trunk once.
     cand = sorted(set(best_i.flatten().tolist()))
@@ -254,18 +244,18 @@ def _fast(samples, reference, lp, *, k, prefilter, batch_size, pixel_size, group
 def load_samples(image_set: ImageSet, progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """The sample images at one size (the first readable sample's, square-cropped), their keys,
     and the keys of unreadable files."""
-    from uvq.evaluation.features import decode_uint8
-
     first = None
-    for _item, data in iter_bytes(image_set.items):
-        arr = decode_uint8(data)
-        if arr is not None:
-            first = min(arr.shape[0], arr.shape[1])
-            break
+    for _i, _key, _origin, data in encoded_images(image_set.reader):
+        try:
+            arr = decode_image(data, None)  # uint8 [3,H,W]
+        except BadImage:
+            continue
+        first = min(arr.shape[1], arr.shape[2])
+        break
     if first is None:
         raise UserError(f"samples {image_set.source}: no readable image")
     kept, images, bad = _load_all(image_set, first)
-    return images, [image_set.items[i].key for i in kept], bad
+    return images, [image_set.keys[i] for i in kept], bad
 
 
 def neighbours(samples: str | Path, reference: str | Path, out_dir: str | Path, *, lpips_model: nn.Module,
@@ -317,15 +307,15 @@ def neighbours(samples: str | Path, reference: str | Path, out_dir: str | Path, 
         writer.writerow(["sample", "rank", "reference", "distance"])
         for i, key in enumerate(keys):
             for rank, (j, d) in enumerate(zip(found["indices"][i].tolist(), found["distances"][i].tolist(), strict=True), 1):
-                writer.writerow([key, rank, ref_set.items[j].key, f"{d:.6f}"])
+                writer.writerow([key, rank, ref_set.keys[j], f"{d:.6f}"])
     report = {
         "uvq_report": "neighbours",
         "mode": mode, "k": k, "prefilter": prefilter if mode == "fast" else None,
         "lpips": {"net": lpips_name, "version": "0.1"},
         "samples": {**sample_set.describe(), "n_images": len(keys), "size": f"{size}x{size}"},
-        "reference": {**ref_set.describe(), "n_images": len(ref_set.items) - len(found["unreadable"]),
+        "reference": {**ref_set.describe(), "n_images": len(ref_set.keys) - len(found["unreadable"]),
                       "resized_to": f"{size}x{size}"},
-        "neighbours": [{"sample": key, "reference": [ref_set.items[j].key for j in found["indices"][i].tolist()],
+        "neighbours": [{"sample": key, "reference": [ref_set.keys[j] for j in found["indices"][i].tolist()],
                         "distance": [round(d, 6) for d in found["distances"][i].tolist()]}
                        for i, key in enumerate(keys)],
         "files": {"grid": str(out / "neighbours.png"), "csv": str(out / "neighbours.csv")},

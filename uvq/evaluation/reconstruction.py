@@ -22,6 +22,7 @@ from uvq.evaluation.features import (
 from uvq.evaluation.metrics import REPORT_MARKER, _build_extractor, frechet_distance
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
+from uvq.vqgan.model import perplexity
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,10 +34,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def codebook_usage(counts: torch.Tensor) -> dict[str, Any]:
     """Codes used and the perplexity exp(H(p)) of the empirical code distribution p = counts / sum."""
     counts = counts.double()
-    p = counts / counts.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"codes_used": int((counts > 0).sum()), "codebook_size": int(counts.numel()),
-            "perplexity": float(entropy.exp())}
+            "perplexity": float(perplexity(counts))}
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +114,7 @@ def evaluate_vqgan(checkpoint: str | Path, data: str, *, split: str = "val", bat
     """
     from uvq.checkpoint import load_model
     from uvq.config import DataConfig, section_from_dict
-    from uvq.data.sources import iterate_images
+    from uvq.data.streams import iterate_images
 
     progress = progress or null_progress
     device = torch.device(device)

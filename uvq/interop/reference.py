@@ -1,18 +1,22 @@
 """The original layouts' forward passes, computed straight from foreign state dicts.
 
 These are the references that `uvq import` verifies its conversions against: the authors'
-VQGAN encoder/generator and transformer, and taming-transformers' Encoder/Decoder, written with
-torch.nn.functional only, reading the original tensors by their original names, so that they
-share nothing with uvq's own modules (`uvq.vqgan.model`, `uvq.prior.model`).
+VQGAN encoder/generator and transformer, and taming-transformers' Encoder/Decoder, reading the
+original tensors by their original names, so that they share nothing with uvq's own modules
+(`uvq.vqgan.model`, `uvq.prior.model`). The convolutional networks are written with
+torch.nn.functional; the authors' transformer and sampling loop are modules written once here,
+which the benchmarks and tests (uvq vs the authors' code) use as well.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Tensors = dict[str, torch.Tensor]
 
@@ -184,26 +188,124 @@ def taming_decode(p: Tensors, z_q: torch.Tensor) -> torch.Tensor:
     return _conv(F.silu(_gn(h, p, "decoder.norm_out")), p, "decoder.conv_out")
 
 
+# ---------------------------------------------------------------------------------------------
+# The authors' transformer and sampling loop, written once
+#
+# From the authors' models/transformer.py (a minGPT-style bidirectional Transformer: separate
+# key / query / value Linears, LayerNorm eps 1e-5, a 4x GELU MLP, no causal mask) and their
+# sampler's loop in models/absorbing_diffusion.py (reveal each masked token with probability
+# 1/t, then draw all of them from the network). The import verification, the benchmarks and
+# the tests all use these.
+# ---------------------------------------------------------------------------------------------
+
+
+class AuthorsAttention(nn.Module):
+    """Separate key / query / value Linears and attention written out, as the authors' layer."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.key, self.query, self.value = nn.Linear(n_embd, n_embd), nn.Linear(n_embd, n_embd), nn.Linear(n_embd, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        hs = c // self.n_head
+        k = self.key(x).view(b, n, self.n_head, hs).transpose(1, 2)  # [B,H,N,hs]
+        q = self.query(x).view(b, n, self.n_head, hs).transpose(1, 2)
+        v = self.value(x).view(b, n, self.n_head, hs).transpose(1, 2)
+        att = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)), dim=-1)  # [B,H,N,N]
+        y = (att @ v).transpose(1, 2).contiguous().view(b, n, c)  # [B,N,C]
+        return self.proj(y)
+
+
+class AuthorsBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = AuthorsAttention(n_embd, n_head)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class AuthorsTransformer(nn.Module):
+    """The authors' Transformer: tokens [B,N] in 0..K (K = the mask) -> logits [B,N,K].
+
+    Parameter names are the authors' (`_denoise_fn.` stripped), so their state dict loads as is.
+    """
+
+    def __init__(self, codebook_size: int, n_tokens: int, n_embd: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(codebook_size + 1, n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, n_tokens, n_embd))
+        self.blocks = nn.Sequential(*[AuthorsBlock(n_embd, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, codebook_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.pos_emb[:, : idx.shape[1]]  # [B,N,C]
+        return self.head(self.ln_f(self.blocks(x)))  # [B,N,K]
+
+
 def official_transformer(p: Tensors, idx: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The authors' Transformer (bidirectional): tokens [B,N] in 0..K -> logits [B,N,K]."""
+    """The authors' Transformer from their state dict (keys `_denoise_fn.*`): tokens [B,N] in
+    0..K -> logits [B,N,K]."""
     pre = "_denoise_fn."
+    sd = {k[len(pre):]: v for k, v in p.items() if k.startswith(pre)}
+    n_layer = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    _, n_tokens, n_embd = sd["pos_emb"].shape
+    with torch.device("meta"):  # no memory or random init for weights that are replaced at once
+        net = AuthorsTransformer(sd["head.weight"].shape[0], n_tokens, n_embd, n_head, n_layer)
+    net.load_state_dict(sd, strict=True, assign=True)
+    with torch.no_grad():
+        return net.eval()(idx)
 
-    def lin(x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, p[pre + name + ".weight"], p.get(pre + name + ".bias"))
 
-    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], p[pre + name + ".weight"], p[pre + name + ".bias"], eps=1e-5)
+def reference_from(prior: nn.Module, n_head: int) -> AuthorsTransformer:
+    """The authors' network with the weights of uvq's prior (its fused qkv split back into three)."""
+    c = prior.tok_emb.weight.shape[1]
+    ref = AuthorsTransformer(prior.codebook_size, prior.n_tokens, c, n_head, len(prior.blocks))
+    sd = {}
+    for key, value in prior.state_dict().items():
+        if ".attn.qkv." in key:
+            for name, part in zip(("query", "key", "value"), value.chunk(3, 0), strict=True):
+                sd[key.replace(".qkv.", f".{name}.")] = part
+        else:
+            sd[key] = value
+    ref.load_state_dict(sd)
+    return ref.to(prior.tok_emb.weight.device)
 
-    x = p[pre + "tok_emb.weight"][idx] + p[pre + "pos_emb"][:, : idx.shape[1]]  # [B,N,C]
-    b, n, c = x.shape
-    layers = sorted({int(k.split(".")[2]) for k in p if k.startswith(pre + "blocks.")})
-    for i in layers:
-        blk = f"blocks.{i}"
-        h = ln(x, blk + ".ln1")
-        q, k, v = (lin(h, f"{blk}.attn.{t}").view(b, n, n_head, c // n_head).transpose(1, 2)
-                   for t in ("query", "key", "value"))  # [B,H,N,C/H]
-        att = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1])), dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, n, c)
-        x = x + lin(y, blk + ".attn.proj")
-        x = x + lin(F.gelu(lin(ln(x, blk + ".ln2"), blk + ".mlp.0")), blk + ".mlp.2")
-    return lin(ln(x, "ln_f"), "head")
+
+@torch.no_grad()
+def authors_loop(net: nn.Module, x: torch.Tensor, *, mask_id: int, steps: int, temp: float,
+                 uniform: Callable[[], torch.Tensor], t_start: int | None = None, max_steps: int | None = None,
+                 amp: bool = False) -> tuple[torch.Tensor, int, int]:
+    """The authors' loop from t = t_start (default `steps`) down to 1, the network on every step.
+
+    Each step takes two uniform tensors [B,N] from `uniform()`: u_reveal reveals a masked token
+    when u_reveal < 1/t (the authors' `changes`), u_value draws every token by the inverse CDF of
+    softmax(logits / temp). Returns (tokens [B,N], steps run, (sample, step) pairs that revealed
+    a token); stops after `max_steps` steps when given (the benchmark times a part of the chain).
+    """
+    x = x.clone()
+    unmasked = x != mask_id
+    run, reveal_rows = 0, torch.zeros((), dtype=torch.long, device=x.device)
+    for t in range(t_start or steps, 0, -1):
+        if max_steps is not None and run >= max_steps:
+            break
+        u_reveal, u_value = uniform(), uniform()
+        changes = u_reveal < 1.0 / t
+        changes = torch.bitwise_xor(changes, torch.bitwise_and(changes, unmasked))  # as the authors
+        unmasked = torch.bitwise_or(unmasked, changes)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)  # [B,N,K]
+        reveal_rows += changes.any(1).sum()
+        probs = (logits.float() / temp).softmax(-1)
+        cdf = probs.cumsum(-1)
+        x_0_hat = (cdf <= u_value[..., None] * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # [B,N]
+        x[changes] = x_0_hat[changes]
+        run += 1
+    return x, run, int(reveal_rows)

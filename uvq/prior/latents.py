@@ -341,7 +341,7 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     all ranks have finished. A shard that exists is complete (it was renamed from `.tmp` when
     finished), so a re-run skips its images without encoding them.
     """
-    from uvq.data.sources import iterate_images
+    from uvq.data.streams import iterate_images
 
     progress = progress or null_progress
     info = dist_info()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from uvq.data.sources import IMAGE_EXTS, BadImage, is_image_name, open_image, resize_center_crop
 from uvq.images import save_grid, save_png, to_rgb
 from uvq.prior.absorbing import start_time_for_masked
 from uvq.progress import ProgressFn, null_progress
@@ -49,7 +50,6 @@ from uvq.sampling.canvas import (
     sample_canvas,
 )
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 SIDES = ("left", "right", "top", "bottom")
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +138,6 @@ def fit_to_size(image: Image.Image, region: torch.Tensor, size: int) -> tuple[to
     done). A pixel of the fitted region is set when its footprint in the original overlaps the
     original region, so a region never vanishes by resampling.
     """
-    from uvq.data.sources import resize_center_crop
-
     w, h = image.size
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)
@@ -233,8 +231,6 @@ def prepare_job(image_path: str | Path, *, size: int, downsample: int, mask_path
                 boxes: list[tuple[int, int, int, int]] | None = None, extend: dict[str, int] | None = None) -> EditJob:
     """Read an image and its region (mask PNG and/or boxes, in the image's own pixels), fit both
     to the VQGAN's size, and grow the frame by `extend` pixels per side (the border is regenerated)."""
-    from uvq.data.sources import BadImage, open_image
-
     image_path = Path(image_path)
     if not image_path.is_file():
         raise UserError(f"input image {image_path} does not exist")
@@ -342,9 +338,9 @@ def list_inputs(path: str | Path, *, mask: str | Path | None = None, masks: str 
     if mask is not None:
         raise UserError(f"{path} is a folder: give one mask per image with --masks DIR (masks/<stem>.png), "
                         "not --mask")
-    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p.name))
     if not images:
-        raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_EXTS)})")
     pairs = []
     for image in images:
         m = None

@@ -220,6 +220,13 @@ class Decoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """Codebook perplexity exp(H(p)) of code counts [K], p = counts / sum: K when the codes are used
+    uniformly, 1 when one code is (the one definition, used by training and evaluation alike)."""
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
 class NearestQuantizer(nn.Module):
     """Codebook e in R^{KxD}: each vector becomes its nearest entry by squared distance.
 
@@ -261,9 +268,7 @@ class NearestQuantizer(nn.Module):
 
     def usage_stats(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
         counts = torch.bincount(codes.reshape(-1), minlength=self.codebook_size).float()
-        p = counts / counts.sum()
-        entropy = -torch.special.xlogy(p, p).sum()
-        return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+        return {"usage": (counts > 0).float().mean(), "perplexity": perplexity(counts)}
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         codes = self.nearest(z)  # [B,h,w]

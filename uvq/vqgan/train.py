@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from uvq.config import Config
-from uvq.data.sources import train_batches
+from uvq.data.streams import train_batches
 from uvq.ema import EMA
 from uvq.files import MARKER
 from uvq.images import save_grid
@@ -55,7 +55,7 @@ from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
 from uvq.training import resume as resume_from
 from uvq.vqgan.augment import diff_augment, parse_policy
 from uvq.vqgan.losses import adaptive_weight, disc_factor
-from uvq.vqgan.model import build_vqgan
+from uvq.vqgan.model import build_vqgan, perplexity
 
 TASK = "fit-vqgan"
 # Logged means, each over the steps of its window that computed it (lpips when it is on, g_loss
