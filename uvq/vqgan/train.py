@@ -55,7 +55,7 @@ from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
 from uvq.training import resume as resume_from
 from uvq.vqgan.augment import diff_augment, parse_policy
 from uvq.vqgan.losses import adaptive_weight, disc_factor
-from uvq.vqgan.model import build_vqgan, perplexity
+from uvq.vqgan.model import build_vqgan
 
 TASK = "fit-vqgan"
 # Logged means, each over the steps of its window that computed it (lpips when it is on, g_loss
