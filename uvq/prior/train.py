@@ -31,7 +31,7 @@ from uvq.checkpoint import (
 )
 from uvq.config import Config
 from uvq.ema import EMA
-from uvq.files import atomic_path, sha256_file
+from uvq.files import atomic_path, check_out_dir, sha256_file
 from uvq.prior.latents import LatentStream, check_tokenizer, read_manifest
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
@@ -151,8 +151,8 @@ def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *
     ident = check_latents(manifest, cfg, vqgan or cfg.prior_train.vqgan)
     dev = resolve_device(device)
     out = Path(out_dir)
-    if out.exists() and any(p.name != ".uvq" for p in out.iterdir()) and not (resume or overwrite):
-        raise UserError(f"run directory {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+    check_out_dir(out, command="fit-prior", resume=resume, overwrite=overwrite,
+                  inputs=(latents_dir, vqgan or cfg.prior_train.vqgan))
     if not manifest["num_samples"].get("val"):
         raise UserError(f"latents {latents_dir} have no val split; the validation ELBO needs one: "
                         "re-encode with data.val_fraction > 0")
@@ -195,8 +195,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     if not manifest["num_samples"].get("val"):
         raise UserError(f"latents {latents_dir} have no val split; the validation ELBO needs one: "
                         "re-encode with data.val_fraction > 0")
-    run, _changed = RunDir.open(out_dir, cfg.to_dict(), argv=argv, device=dev, dist=dist, resume=resume,
-                                overwrite=overwrite)
+    run, _changed = RunDir.open(out_dir, cfg.to_dict(), command="fit-prior", argv=argv, device=dev, dist=dist,
+                                resume=resume, overwrite=overwrite, inputs=(latents_dir, vqgan or tc.vqgan))
     seed_everything(rc.seed + dist.rank)
     model, process = _build(cfg, dev)
     ema = EMA(model, beta=tc.ema_beta, every=tc.ema_every, start=tc.ema_start) if tc.ema else None
