@@ -267,7 +267,7 @@ def check_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
     if clash is not None:
         raise UserError(f"--out {path} overlaps this command's own input {clash}; choose an --out outside its inputs")
     try:
-        contents = [p.name for p in path.iterdir() if p.name not in (MARKER, LOCK)] if path.exists() else []
+        contents = [p.name for p in path.iterdir() if not _is_bookkeeping(p.name)] if path.exists() else []
     except OSError as exc:
         raise disk_error(exc, path, "read") from exc
     record = read_record(path) if path.exists() else None
@@ -293,6 +293,12 @@ def check_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
     raise UserError(f"output directory {path} is not empty (made by `uvq {made_by or 'an older version'}`); {hint}")
 
 
+def _is_bookkeeping(name: str) -> bool:
+    """The record, the lock and their temporaries (`.uvq*`): not contents of the directory, so that
+    a second command starting at the same moment meets the lock, not a "foreign" directory."""
+    return name.lstrip(".") == MARKER[1:] or name.lstrip(".").startswith(f"{MARKER[1:]}.")
+
+
 def _remove_entry(p: Path) -> None:
     """Remove one recorded entry without following symlinks (a link is unlinked, never entered)."""
     if p.is_symlink() or not p.is_dir():
@@ -316,7 +322,7 @@ def remove_leftover_temps(path: str | Path) -> list[Path]:
     if record is None:
         return []
     names = os.listdir(path)
-    doomed = [path / n for n in names if TEMP_NAME.match(n) and not n.startswith(f".{LOCK}.")]
+    doomed = [path / n for n in names if TEMP_NAME.match(n) and not n.startswith(f"{LOCK}.")]
     for sub in _recorded(record, names):
         if (path / sub).is_dir() and not (path / sub).is_symlink():
             for root, subdirs, files in os.walk(path / sub, followlinks=False):
@@ -366,7 +372,7 @@ def record_written_dir(path: str | Path, *, command: str) -> None:
     """Record every entry of `path` as uvq's: for a directory uvq has just written whole (by rename)."""
     path = Path(path)
     record = _new_record(command)
-    record["entries"] = sorted(n for n in os.listdir(path) if n not in (MARKER, LOCK))
+    record["entries"] = sorted(n for n in os.listdir(path) if not _is_bookkeeping(n))
     _write_record(path, record)
 
 
@@ -391,7 +397,7 @@ def claim_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
         record = plan.record
         if plan.action == "overwrite":
             for name in _recorded(record, os.listdir(path)):
-                if name not in (MARKER, LOCK):
+                if not _is_bookkeeping(name):
                     _remove_entry(path / name)
             record = None
         if record is None or record.get("entries") is None:  # new, or a marker of an older uvq: start a record
@@ -466,7 +472,7 @@ class DirLock:
         raise UserError(f"cannot lock {self.dir}: {self.file} keeps changing; is another uvq starting there?")
 
     def _create(self, info: dict[str, Any]) -> bool:
-        tmp = self.dir / f".{LOCK}.{os.getpid()}.{id(self)}.tmp"
+        tmp = self.dir / f"{LOCK}.{os.getpid()}.{id(self)}.tmp"
         try:
             tmp.write_text(json.dumps(info) + "\n")
             try:

@@ -147,12 +147,12 @@ def _lr(tc, step: int) -> float:
 def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
                     vqgan: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Everything `fit_prior` checks before it trains (for --dry-run); writes nothing."""
-    manifest = read_manifest(latents_dir)
-    ident = check_latents(manifest, cfg, vqgan or cfg.prior_train.vqgan)
-    dev = resolve_device(device)
     out = Path(out_dir)
     check_out_dir(out, command="fit-prior", resume=resume, overwrite=overwrite,
                   inputs=(latents_dir, vqgan or cfg.prior_train.vqgan))
+    manifest = read_manifest(latents_dir)
+    ident = check_latents(manifest, cfg, vqgan or cfg.prior_train.vqgan)
+    dev = resolve_device(device)
     if not manifest["num_samples"].get("val"):
         raise UserError(f"latents {latents_dir} have no val split; the validation ELBO needs one: "
                         "re-encode with data.val_fraction > 0")
@@ -190,6 +190,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     # Setup: device, process group, the latents and their consistency, the run directory.
     dev = resolve_device(device)
     dist = init_distributed(dev)
+    check_out_dir(out_dir, command="fit-prior", resume=resume, overwrite=overwrite,
+                  inputs=(latents_dir, vqgan or tc.vqgan))  # fail fast (RunDir.open checks again and claims)
     manifest = read_manifest(latents_dir)
     ident = check_latents(manifest, cfg, vqgan or tc.vqgan)
     if not manifest["num_samples"].get("val"):
