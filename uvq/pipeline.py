@@ -1,7 +1,8 @@
 """The whole method in one call: fit-vqgan, encode, fit-prior, sample (and eval), with fingerprints.
 
     RUN/
-      .uvq              marker: uvq made this directory
+      .uvq              ownership record: uvq made this directory, and what it wrote (uvq.files)
+      .uvq.lock         held while a pipeline call runs here (one writer per directory)
       pipeline.json     per stage: fingerprint, status (running | done), output hash, timing
       config.yaml       the resolved recipe of the latest call
       vqgan/            fit-vqgan's run directory       (stage one, method section 1)
@@ -29,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from uvq.config import Config, to_yaml
-from uvq.files import MARKER, atomic_write_json, atomic_write_text, prepare_out_dir, sha256_file
+from uvq.files import (
+    OutDir,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_dir,
+    claim_out_dir,
+    sha256_file,
+)
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 
@@ -123,11 +131,10 @@ def _run_latents(ctx: StageContext) -> dict[str, Any]:
     dev = resolve_device(ctx.device)
     ec = ctx.cfg.encode
     model, meta = load_model(ctx.run / "vqgan", "vqgan", weights=ec.weights, device=dev)
-    if not ctx.resume:  # a fresh encode: clear shards of another fingerprint first
-        prepare_out_dir(ctx.run / "latents", overwrite=True, what="latents")
+    # a fresh encode clears the shards of another fingerprint first (overwrite)
     manifest = encode_dataset(model, meta, ctx.cfg.data, ctx.run / "latents", batch_size=ec.batch_size,
                               shard_size=ec.shard_size, flip_copies=ec.flip_copies, weights=ec.weights, device=dev,
-                              progress=ctx.progress)
+                              overwrite=not ctx.resume, progress=ctx.progress)
     return {"num_samples": manifest["num_samples"], "latent_shape": manifest["latent_shape"]}
 
 
@@ -165,7 +172,7 @@ def _run_eval(ctx: StageContext) -> dict[str, Any]:
     if skipped:
         ctx.progress({"event": "warn", "message": f"the pipeline's eval stage computes set metrics only "
                                                   f"({', '.join(SET_METRICS)}); not run here: {', '.join(skipped)}"})
-    out = prepare_out_dir(ctx.run / "eval", overwrite=True, what="eval")
+    out = claim_out_dir(ctx.run / "eval", command="eval", overwrite=True, entries=("report.json",), lock=False).path
     if not metrics:
         report: dict[str, Any] = {"metrics": [], "results": {}}
     else:
@@ -195,14 +202,13 @@ def _read_state(run: Path) -> dict[str, Any]:
         raise UserError(f"{f} is corrupt ({exc}); delete it to re-run every stage") from exc
 
 
-def _open_run(run: Path) -> None:
-    """A new or empty directory, or one of our pipeline runs; anything else is refused."""
-    if run.exists() and not run.is_dir():
-        raise UserError(f"run path {run} exists and is not a directory; choose another --out")
-    contents = [p for p in run.iterdir() if p.name != MARKER] if run.exists() else []
-    if contents and not ((run / MARKER).exists() and (run / STATE_FILE).exists()):
+def _open_run(run: Path, cfg: Config) -> OutDir:
+    """A new or empty directory, or one of our pipeline runs, locked; anything else is refused."""
+    plan = check_out_dir(run, command="pipeline", resume=True, inputs=(cfg.data.source,))
+    if plan.action == "resume" and not (run / STATE_FILE).exists():
         raise UserError(f"{run} is not empty and is not a pipeline run; choose another --out")
-    prepare_out_dir(run, resume=True, what="run")
+    return claim_out_dir(run, command="pipeline", resume=True, inputs=(cfg.data.source,),
+                         entries=(STATE_FILE, "config.yaml", *STAGES))
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", until: str | None = None,
@@ -222,7 +228,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", unti
                             f"{', '.join(f'{s} ({STAGE_COMMANDS[s]})' for s in stages)}")
         stages = stages[: stages.index(last) + 1]
     run = Path(out_dir)
-    _open_run(run)
+    claim = _open_run(run, cfg)
     atomic_write_text(run / "config.yaml", to_yaml(cfg))
     state = _read_state(run)
     summary: dict[str, Any] = {"out_dir": str(run), "stages": {}}
@@ -262,6 +268,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", unti
     summary["seconds"] = round(time.time() - t_all, 2)
     grid = run / "samples" / "grid.png"
     summary["grid"] = str(grid) if "samples" in stages and grid.is_file() else None
+    claim.release()
     return summary
 
 

@@ -1,7 +1,8 @@
 """The run directory of a training loop: everything needed to understand and rebuild a run.
 
     runs/vqgan-demo/
-      .uvq               marker: uvq made this directory (uvq.files)
+      .uvq               ownership record: uvq made this directory, and what it wrote (uvq.files)
+      .uvq.lock          held by the run writing here (host, pid); one writer per directory
       config.yaml        the resolved config of the latest (re)start
       command.txt        the exact command line, one line per start or resume
       env.json           uvq and torch versions, device, world size, git commit
@@ -30,7 +31,14 @@ import yaml
 from uvq import __version__
 from uvq.checkpoint import save_checkpoint
 from uvq.config import drop_legacy_keys
-from uvq.files import atomic_write_json, atomic_write_text, prepare_out_dir
+from uvq.files import (
+    OutDir,
+    atomic_write_json,
+    atomic_write_text,
+    check_out_dir,
+    claim_out_dir,
+    disk_error,
+)
 from uvq.runtime import DistInfo, UserError
 
 
@@ -84,12 +92,18 @@ def _agree(error: str | None, dist: DistInfo) -> None:
         raise UserError(error)
 
 
+# What a run directory holds, recorded as uvq's before it is written (uvq.files.claim_out_dir).
+RUN_ENTRIES = ("config.yaml", "command.txt", "env.json", "metrics.jsonl", "images", "checkpoints")
+RUN_PATTERNS = ("events.out.tfevents.*",)
+
+
 class RunDir:
     """A run directory; `writes` is False on every rank but 0."""
 
     def __init__(self, path: str | Path, *, writes: bool = True) -> None:
         self.path = Path(path)
         self.writes = writes
+        self._out: OutDir | None = None  # rank 0's claim, holding the directory's lock
         self._metrics_fh = None
         self._tb = None
         self._tb_tried = False
@@ -97,22 +111,29 @@ class RunDir:
     # ---- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, config: dict[str, Any], *, argv: list[str] | None, device: torch.device,
-             dist: DistInfo = DistInfo(), resume: bool = False, overwrite: bool = False) -> tuple[RunDir, list[str]]:
-        """Take `path` for a new run, or reopen it with `resume`. Returns the run dir and the config
-        keys that differ from the run's saved config (a resume may change e.g. train.steps, never the model).
+    def open(cls, path: str | Path, config: dict[str, Any], *, command: str, argv: list[str] | None,
+             device: torch.device, dist: DistInfo = DistInfo(), resume: bool = False, overwrite: bool = False,
+             inputs: tuple[str | Path | None, ...] = ()) -> tuple[RunDir, list[str]]:
+        """Take `path` for a new run of `uvq <command>`, or reopen it with `resume`; rank 0 locks it
+        until `close()`. Returns the run dir and the config keys that differ from the run's saved
+        config (a resume may change e.g. train.steps, never the model). `inputs` are the run's
+        input paths, which the directory may not overlap (uvq.files.check_out_dir). Everything is
+        checked before the first write.
         """
         run = cls(path, writes=dist.is_main)
         error, changed = None, []
         if dist.is_main:
             try:
+                check_out_dir(run.path, command=command, overwrite=overwrite, resume=resume, inputs=inputs)
                 saved = run._saved_config() if resume else None
-                prepare_out_dir(run.path, overwrite=overwrite, resume=resume, what="run")
                 if resume and saved is not None:
                     changed = run._check_resumable(saved, config)
+                run._out = claim_out_dir(run.path, command=command, overwrite=overwrite, resume=resume, inputs=inputs,
+                                         entries=RUN_ENTRIES, patterns=RUN_PATTERNS)
                 run._write_start_files(config, argv, device, dist.world_size, resume)
-            except UserError as exc:
-                error = str(exc)
+            except (UserError, OSError) as exc:
+                error = str(exc if isinstance(exc, UserError) else disk_error(exc, run.path))
+                run.close()
         _agree(error, dist)
         return run, changed
 
@@ -254,7 +275,11 @@ class RunDir:
             self._metrics_fh = None
 
     def close(self) -> None:
+        """Close the logs and release the directory's lock (it is also released at exit)."""
         self._close_metrics()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._out is not None:
+            self._out.release()
+            self._out = None

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         """Encode a dataset to webdataset shards of VQGAN codes (train and val splits); resumable."""
         from uvq.checkpoint import load_model, read_meta
         from uvq.config import config_from_dict, load_config
-        from uvq.prior.latents import encode_dataset
+        from uvq.prior.latents import encode_dataset, encode_out_check
         from uvq.runtime import UserError, init_distributed, resolve_device, shutdown_distributed
 
         apply_local(json_flag, debug)
@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
         if which not in ("default", "ema", "model"):
             raise UserError(f"--weights must be default, ema or model, not {which!r}")
         dev = resolve_device(device)
+        encode_out_check(out, vqgan=vqgan, data_source=cfg.data.source, overwrite=overwrite)  # before loading
         info = init_distributed(dev)
         model, meta = load_model(vqgan, "vqgan", weights=which, device=dev)
         rep = reporter()

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Negative ELBO in bits per token for each image of a split (CSV), with mean and standard error."""
-        from uvq.files import atomic_write_json, atomic_write_text, prepare_out_dir
+        from uvq.files import atomic_write_json, atomic_write_text, claim_out_dir
         from uvq.prior.likelihood import evaluate_elbo
         from uvq.runtime import UserError, shutdown_distributed
 
@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
         if split not in ("train", "val"):
             raise UserError(f"--split must be train or val, not {split!r}")
         if out is not None:
-            prepare_out_dir(out, overwrite=overwrite, what="evaluation")
+            claim_out_dir(out, command="eval elbo", overwrite=overwrite, inputs=(prior, latents),
+                          entries=("elbo.csv", "elbo.json"), lock=False)
         rep = reporter()
         try:
             result = evaluate_elbo(prior, latents, split=split, estimator=estimator, draws=draws,

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """Nearest training images of each sample by LPIPS: a PNG grid, a CSV and a JSON report in --out."""
         from uvq.evaluation.neighbours import MODES
         from uvq.evaluation.neighbours import neighbours as run
-        from uvq.files import prepare_out_dir
+        from uvq.files import claim_out_dir
         from uvq.runtime import UserError, resolve_device
         from uvq.vqgan.losses import load_lpips
 
@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
         dev = resolve_device(device)
         model = load_lpips(lpips_net, alternative="or choose another trunk with --lpips-net alex|squeeze")
-        out_dir = prepare_out_dir(out, overwrite=overwrite, what="neighbours output")
+        out_dir = claim_out_dir(out, command="neighbours", overwrite=overwrite, inputs=(samples, reference),
+                                entries=("neighbours.png", "neighbours.csv", "neighbours.json"), lock=False).path
         rep = reporter()
         try:
             report = run(samples, reference, out_dir, lpips_model=model, lpips_name=lpips_net, k=k, mode=mode,

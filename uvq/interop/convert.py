@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from uvq import __version__
-from uvq.files import MARKER, prepare_out_dir, sha256_file
+from uvq.files import check_out_dir, claim_out_dir, record_written_dir, sha256_file
 from uvq.interop.layouts import (
     _LAYOUT_NAMES,
     KeyMap,
@@ -217,17 +217,18 @@ def _report(progress: ProgressFn, name: str, result: dict[str, Any]) -> None:
                                          f"{result['max_rel']:.3g} (tolerance {result['tolerance']:g}){extra}"})
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty --out unless --overwrite (an import has nothing to resume), before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace its contents")
+def _check_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...], whole: bool = False) -> None:
+    """uvq.files.check_out_dir for an import (nothing to resume), before any work. A `whole`
+    import replaces `out` by one rename (the taming checkpoint is `out` itself), so `out` may not
+    hold anything uvq did not write."""
+    plan = check_out_dir(out, command="import", overwrite=overwrite, inputs=inputs)
+    if whole and plan.foreign:
+        raise UserError(f"{out} holds {plan.foreign[0]!r}, which uvq did not write, and an import replaces the whole "
+                        "directory; move it away or choose another --out")
 
 
-def _claim_out(out: Path, overwrite: bool) -> None:
-    _check_out(out, overwrite)
-    prepare_out_dir(out, overwrite=overwrite, what="import")
+def _claim_out(out: Path, overwrite: bool, inputs: tuple[Path | None, ...]) -> None:
+    claim_out_dir(out, command="import", overwrite=overwrite, inputs=inputs, entries=("vqgan", "prior"), lock=False)
 
 
 def _fail_verification(written: list[Path], name: str, result: dict[str, Any]) -> UserError:
@@ -274,7 +275,7 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
     progress = progress or null_progress
     device = torch.device(device)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, (Path(vqgan), prior and Path(prior)))
     vq_path = Path(vqgan)
     vq_sd = _load_official_vqgan(vq_path)
     pr_path = Path(prior) if prior is not None else None
@@ -326,7 +327,7 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
         pr_weights = _finish(pr_map, target, "prior", pr_path)
 
     # Write.
-    _claim_out(out, overwrite)
+    _claim_out(out, overwrite, (vq_path, pr_path))
     vq_src = _source_record(vq_path, "vqgan", vq_sd)
     conventions = {"image_range": "[0, 1] (the authors' convention, as uvq's)", "mask_id": vq_cfg["codebook_size"]}
     vq_dir = _write(out / "vqgan", "vqgan", vq_cfg, vq_weights,
@@ -382,7 +383,7 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
     progress = progress or null_progress
     device = torch.device(device)
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, (Path(vqgan),), whole=True)
     path = Path(vqgan)
     raw = load_tensor_file(path, "--vqgan")
     found = detect_layout(raw)
@@ -399,13 +400,14 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
     weights = _finish(mapping, _build("vqgan", cfg), "VQGAN (taming variant)", path)
     disc = _map_discriminator(sd, "loss.discriminator.", path) if with_disc else None
 
-    _claim_out(out, overwrite)
+    _check_out(out, overwrite, (path,), whole=True)
+    _claim_out(out, overwrite, (path,))
     conventions = {"image_range": "[-1, 1] inside the networks; uvq's API converts from and to [0, 1]",
                    "quant_conv": True, "swish_before_final_convs": True,
                    "decoder_res_blocks": cfg["dec_res_blocks"], "mask_id": cfg["codebook_size"]}
     ckpt = _write(out, "vqgan", cfg, weights,
                   _provenance("taming", [_source_record(path, "vqgan", sd)], cfg, mapping, conventions))
-    (ckpt / MARKER).touch()  # the directory stays ours for a later --overwrite
+    record_written_dir(ckpt, command="import")  # the directory stays ours for a later --overwrite
     if disc is not None:
         _write_discriminator(ckpt, *disc)
     summary: dict[str, Any] = {"format": "taming", "out": str(out), "vqgan": _ckpt_summary(ckpt, cfg, mapping)}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from uvq import __version__
-from uvq.files import atomic_write_json, prepare_out_dir, sha256_file
+from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, sha256_file
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register
 from uvq.runtime import UserError, barrier, dist_info
@@ -306,10 +306,9 @@ def write_latents(root: str | Path, splits: dict[str, Sequence[tuple[str, np.nda
 
 
 def _check_encode_state(root: Path, state: dict[str, Any]) -> None:
-    """A re-run must continue the same encode; otherwise its shards would mix two settings."""
+    """A re-run must continue the same encode; otherwise its shards would mix two settings. Reads only."""
     path = root / ENCODE_STATE
     if not path.is_file():
-        atomic_write_json(path, state)
         return
     try:
         old = json.loads(path.read_text())
@@ -319,6 +318,13 @@ def _check_encode_state(root: Path, state: dict[str, Any]) -> None:
         if old.get(key) != value:
             raise UserError(f"{root} holds an encode started with {key}={old.get(key)!r}, but this run has "
                             f"{key}={value!r}; re-run with the same settings to finish it, or pass --overwrite to start over")
+
+
+def encode_out_check(out_dir: str | Path, *, vqgan: str | Path | None, data_source: str | None,
+                     overwrite: bool = False) -> None:
+    """uvq.files.check_out_dir for encode (reads only): a re-run continues, --overwrite starts over,
+    and the directory may not overlap the VQGAN or the images. The CLI calls it before loading."""
+    check_out_dir(out_dir, command="encode", overwrite=overwrite, resume=not overwrite, inputs=(vqgan, data_source))
 
 
 def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg, out_dir: str | Path, *,
@@ -359,11 +365,19 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     state = {"tokenizer_sha256": tokenizer["sha256"], "img_size": img_size, "flip_copies": bool(flip_copies),
              "shard_size": int(shard_size), "world_size": info.world_size, **{f"data_{k}": v for k, v in data.items()}}
 
-    # Rank 0 claims the directory (refusing foreign contents without --overwrite), then all ranks start.
+    # Rank 0 checks everything (a refused encode changes nothing), then claims and locks the
+    # directory until the manifest is written; then all ranks start.
+    claim = None
     if info.is_main:
-        prepare_out_dir(root, overwrite=overwrite, resume=not overwrite, what="latents")
+        encode_out_check(root, vqgan=vqgan_meta.get("path"), data_source=data_cfg.source, overwrite=overwrite)
+        if not overwrite:
+            _check_encode_state(root, state)
+        claim = claim_out_dir(root, command="encode", overwrite=overwrite, resume=not overwrite,
+                              inputs=(vqgan_meta.get("path"), data_cfg.source), entries=(MANIFEST, ENCODE_STATE),
+                              patterns=("latents-*.tar", "val-*.tar"))
         (root / MANIFEST).unlink(missing_ok=True)  # a manifest exists only for a finished encode
-        _check_encode_state(root, state)
+        if not (root / ENCODE_STATE).is_file():
+            atomic_write_json(root / ENCODE_STATE, state)
     barrier()
 
     latent_shape = None
@@ -430,6 +444,8 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
         manifest["seconds"] = round(time.time() - t0, 2)
         manifest["encoded"], manifest["skipped"] = totals["encoded"], totals["skipped"]
         manifest["bad_images"] = totals.get("bad_images", 0)
+    if claim is not None:
+        claim.release()
     barrier()
     if not info.is_main:
         manifest = read_manifest(root)

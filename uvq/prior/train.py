@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from uvq.checkpoint import mark_best, read_meta, weights_file
 from uvq.config import Config
 from uvq.ema import EMA
-from uvq.files import atomic_path, sha256_file
+from uvq.files import atomic_path, check_out_dir, sha256_file
 from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, read_manifest
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
@@ -156,12 +156,12 @@ def check_splits(manifest: dict[str, Any], latents_dir: str | Path) -> None:
 def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
                     vqgan: str | Path | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Everything `fit_prior` checks before it trains (for --dry-run); writes nothing."""
+    out = Path(out_dir)
+    check_out_dir(out, command="fit-prior", resume=resume, overwrite=overwrite,
+                  inputs=(latents_dir, vqgan or cfg.prior_train.vqgan))
     manifest = read_manifest(latents_dir)
     ident = check_latents(manifest, cfg, vqgan or cfg.prior_train.vqgan)
     dev = resolve_device(device)
-    out = Path(out_dir)
-    if out.exists() and any(p.name != ".uvq" for p in out.iterdir()) and not (resume or overwrite):
-        raise UserError(f"run directory {out} is not empty; pass --resume to continue it or --overwrite to replace it")
     check_splits(manifest, latents_dir)
     model, _ = _build(cfg, torch.device("cpu"))
     return {"steps": cfg.prior_train.steps, "device": str(dev), "out_dir": str(out),
@@ -198,11 +198,13 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     dev = resolve_device(device)
     dist = init_distributed(dev)
     progress = progress if dist.is_main else null_progress
+    check_out_dir(out_dir, command="fit-prior", resume=resume, overwrite=overwrite,
+                  inputs=(latents_dir, vqgan or tc.vqgan))  # fail fast (RunDir.open checks again and claims)
     manifest = read_manifest(latents_dir)
     ident = check_latents(manifest, cfg, vqgan or tc.vqgan)
     check_splits(manifest, latents_dir)
-    run, _changed = RunDir.open(out_dir, cfg.to_dict(), argv=argv, device=dev, dist=dist, resume=resume,
-                                overwrite=overwrite)
+    run, _changed = RunDir.open(out_dir, cfg.to_dict(), command="fit-prior", argv=argv, device=dev, dist=dist,
+                                resume=resume, overwrite=overwrite, inputs=(latents_dir, vqgan or tc.vqgan))
     seeds = derive_seeds(rc.seed, dist.rank)
     seed_everything(seeds.global_)
     model, process = _build(cfg, dev)

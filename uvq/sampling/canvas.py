@@ -447,7 +447,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     """
     from uvq.checkpoint import load_model, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
-    from uvq.files import atomic_write_json, prepare_out_dir
+    from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
     from uvq.sampling.outputs import SAMPLE_NAME, SAMPLES_JSON
@@ -471,7 +471,10 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     random_m = parse_window_choice(windows)
     if n < 1 or batch_size < 1:
         raise UserError("--n and --batch-size must be >= 1")
-    out = prepare_out_dir(out_dir, overwrite=overwrite, what="canvas")
+    claim = claim_out_dir(out_dir, command="upscale-canvas", overwrite=overwrite,
+                          inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
+                          entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
+    out = claim.path
     net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
     vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
     vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
@@ -525,4 +528,5 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
         "grid": str(grid_path),
     }
     atomic_write_json(out / SAMPLES_JSON, summary)
+    claim.release()
     return summary

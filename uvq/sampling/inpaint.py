@@ -368,7 +368,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     """
     from uvq.checkpoint import load_model, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
-    from uvq.files import atomic_write_json, prepare_out_dir
+    from uvq.files import atomic_write_json, claim_out_dir
     from uvq.runtime import resolve_device
     from uvq.sampling.chain import DEFAULT_SAMPLER
     from uvq.sampling.outputs import provenance_header
@@ -398,7 +398,11 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                         f"grid (got {steps})")
     if feather_px < 0 or dilate_latents < 0:
         raise UserError("--feather and --dilate must be >= 0")
-    out = prepare_out_dir(out_dir, overwrite=overwrite, what="inpainting")
+    names = [f"{job.name}-{j:03d}.png" for job in jobs for j in range(n)] + [f"{job.name}-grid.png" for job in jobs]
+    claim = claim_out_dir(out_dir, command="inpaint", overwrite=overwrite,
+                          inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
+                          entries=[*names, "inpaint.json"])
+    out = claim.path
     net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
     vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
     vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
@@ -457,4 +461,5 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
         "inputs": records,
     }
     atomic_write_json(out / "inpaint.json", summary)
+    claim.release()
     return summary

@@ -52,7 +52,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     `images=False` writes codes only and needs no VQGAN.
     """
     from uvq.checkpoint import load_model
-    from uvq.files import atomic_write_json, prepare_out_dir
+    from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
 
@@ -68,7 +68,10 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
         vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
-    out = prepare_out_dir(out_dir, overwrite=overwrite, what="samples")
+    claim = claim_out_dir(out_dir, command="sample", overwrite=overwrite,
+                          inputs=(prior, prior_meta["path"], vqgan, vq_meta and vq_meta["path"]),
+                          entries=("grid.png", "codes", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
+    out = claim.path
     net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
     if vq_meta is not None:
         vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
@@ -131,4 +134,5 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         "grid": str(grid_path) if grid_path else None,
     }
     atomic_write_json(out / SAMPLES_JSON, summary)
+    claim.release()
     return summary

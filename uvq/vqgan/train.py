@@ -38,7 +38,7 @@ from torch import nn
 from uvq.config import Config
 from uvq.data.streams import train_batches
 from uvq.ema import EMA
-from uvq.files import MARKER
+from uvq.files import check_out_dir
 from uvq.images import save_grid
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
@@ -90,7 +90,7 @@ def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", r
     the networks and losses (LPIPS weights included), the data source. Raises UserError."""
     dev = resolve_device(device)
     out = Path(out_dir)
-    _check_out_dir(out, resume=resume, overwrite=overwrite)
+    check_out_dir(out, command=TASK, resume=resume, overwrite=overwrite, inputs=(cfg.data.source,))
     vqgan, disc, _, _, _ = build_parts(cfg)  # LPIPS weights and registry names checked here
     parse_policy(cfg.train.diffaug_policy)
     train_batches(cfg.data, cfg.model.vqgan.img_size, cfg.train.batch_size, seed=cfg.run.seed, rank=0,
@@ -99,17 +99,6 @@ def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", r
             "vqgan_params": sum(p.numel() for p in vqgan.parameters()),
             "disc_params": sum(p.numel() for p in disc.parameters()),
             "resume": bool(resume and (out / "checkpoints" / "last").exists())}
-
-
-def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """uvq.files.prepare_out_dir's rules, read-only (every rank may call it; nothing is written)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"run path {out} exists and is not a directory; choose another --out")
-    contents = [p for p in out.iterdir() if p.name != MARKER] if out.is_dir() else []
-    ours = (out / MARKER).exists()
-    if contents and not overwrite and not (resume and ours):
-        hint = "pass --resume to continue it or --overwrite to replace it" if ours else "pass --overwrite to replace its contents"
-        raise UserError(f"run directory {out} is not empty; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +136,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     precision = tc.precision if cuda else "fp32"  # the CPU always trains in fp32 (exact resume)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (as the authors)
-    _check_out_dir(Path(out_dir), resume=resume, overwrite=overwrite)  # fail fast, before any building
+    check_out_dir(out_dir, command=TASK, resume=resume, overwrite=overwrite, inputs=(cfg.data.source,))  # fail fast
     seeds = derive_seeds(rc.seed, dist.rank)
     seed_everything(seeds.global_)  # DDP broadcasts rank 0's initial weights to the other ranks
 
@@ -178,8 +167,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
                             world_size=dist.world_size, progress=progress)
 
     # The run directory (rank 0 writes; every rank agrees on errors).
-    run, changed = RunDir.open(out_dir, cfg.to_dict(), argv=argv, device=dev, dist=dist, resume=resume,
-                               overwrite=overwrite)
+    run, changed = RunDir.open(out_dir, cfg.to_dict(), command=TASK, argv=argv, device=dev, dist=dist, resume=resume,
+                               overwrite=overwrite, inputs=(cfg.data.source,))
     if changed:
         progress({"event": "log", "message": f"resuming with a changed config: {', '.join(changed[:8])}"})
 
