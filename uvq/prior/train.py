@@ -210,7 +210,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
                   "tokenizer": tokenizer, "vqgan": (ident or {}).get("path") or (tokenizer or {}).get("path")}
 
     # Resume: every piece of state, per rank, from the last checkpoint.
-    if resume and (last := run.last_checkpoint()) is not None:
+    if resume and (last := run.resume_point(dist, kind="prior")) is not None:
         from safetensors.torch import load_file
 
         state = load_trainer_state(last)
@@ -248,7 +248,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         state = trainer_state()  # a collective under torchrun: every rank takes part
         weights = {"model": model} | ({"ema": ema.model} if ema else {})
         return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="prior", model_config=cfg.to_dict()["model"]["prior"],
-                                   weights=weights, config=cfg.to_dict(), provenance=provenance, trainer_state=state)
+                                   weights=weights, config=cfg.to_dict(), provenance=provenance, trainer_state=state,
+                                   extra_meta={"best": dict(best)})  # best so far: repairs a stale `best` link
 
     def validate() -> dict[str, Any]:
         was_training = model.training

@@ -194,7 +194,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     step = 0
 
     # Resume: every piece of state, per rank, from the last checkpoint.
-    if resume and (last := run.resume_point(dist)) is not None:
+    if resume and (last := run.resume_point(dist, kind="vqgan")) is not None:
         state = load_trainer_state(last)
         if len(state["ranks"]) != dist.world_size:
             raise UserError(f"{last} was written by {len(state['ranks'])} processes; resume with the same number "
