@@ -18,6 +18,7 @@ from uvq.checkpoint import (
     weights_file,
     write_checkpoint_dir,
 )
+from uvq.files import sha256_file
 from uvq.runtime import UserError, rng_state, set_rng_state
 
 
@@ -26,16 +27,27 @@ def _linear(seed):
     return torch.nn.Linear(3, 2)
 
 
+TINY_PRIOR = {"n_embd": 32, "n_head": 2, "n_layer": 1, "codebook_size": 8, "latent_shape": [2, 2]}
+
+
+def _prior(seed):
+    """A real tiny prior: checkpoints that are resumed are checked against their architecture."""
+    from uvq.checkpoint import build_model
+
+    torch.manual_seed(seed)
+    return build_model("prior", TINY_PRIOR)
+
+
 def test_write_and_read_back(tmp_path):
-    model, ema = _linear(0), _linear(1)
-    path = write_checkpoint_dir(tmp_path / "ck", kind="prior", model_config={"n": 1}, weights={"model": model, "ema": ema},
+    model, ema = _prior(0), _prior(1)
+    path = write_checkpoint_dir(tmp_path / "ck", kind="prior", model_config=TINY_PRIOR, weights={"model": model, "ema": ema},
                                 step=7, provenance={"source": "test"}, trainer_state={"step": 7, "x": torch.ones(2)})
     meta = read_meta(path)
     assert meta["kind"] == "prior" and meta["step"] == 7 and meta["default_weights"] == "ema"
     sd, _ = load_state_dict(path)
-    assert torch.equal(sd["weight"], ema.weight)
+    assert all(torch.equal(sd[k], v) for k, v in ema.state_dict().items())
     sd, _ = load_state_dict(path, "model")
-    assert torch.equal(sd["weight"], model.weight)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
     assert load_trainer_state(path)["step"] == 7
     assert set(meta["weights_sha256"]) == {"model", "ema"}
 
@@ -84,8 +96,8 @@ def test_clear_errors(tmp_path):
 def test_trainer_state_refuses_pickled_code(tmp_path):
     import pickle
 
-    path = write_checkpoint_dir(tmp_path / "ck", kind="prior", model_config={}, weights={"model": _linear(0)},
-                                trainer_state={"step": 1})
+    path = write_checkpoint_dir(tmp_path / "ck", kind="prior", model_config=TINY_PRIOR, weights={"model": _prior(0)},
+                                step=1, trainer_state={"step": 1})
 
     class Evil:
         def __reduce__(self):
@@ -93,6 +105,11 @@ def test_trainer_state_refuses_pickled_code(tmp_path):
 
     with open(path / "trainer.pt", "wb") as fh:
         pickle.dump({"x": Evil()}, fh)
+    with pytest.raises(UserError, match="does not match the sha256"):  # refused before it is opened
+        load_trainer_state(path)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["trainer_sha256"] = sha256_file(path / "trainer.pt")  # an attacker who also edits meta.json
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="cannot be loaded safely"):
         load_trainer_state(path)
 

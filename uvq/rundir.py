@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from uvq import __version__
-from uvq.checkpoint import save_checkpoint
+from uvq.checkpoint import resume_checkpoint, save_checkpoint
 from uvq.config import drop_legacy_keys
 from uvq.files import (
     OutDir,
@@ -184,18 +184,27 @@ class RunDir:
         last = self.checkpoints_dir / "last"
         return last.resolve() if (last / "meta.json").is_file() else None
 
-    def resume_point(self, dist: DistInfo = DistInfo()) -> Path | None:
+    def resume_point(self, dist: DistInfo = DistInfo(), kind: str | None = None) -> Path | None:
         """The checkpoint to resume from, as rank 0 sees it, on every rank (absolute path or None).
 
-        Rank 0 decides and broadcasts, so that all ranks load the same step even if `last`
-        moves or a rank's view of the file system lags.
+        Rank 0 checks and repairs the links (uvq.checkpoint.resume_checkpoint: a dangling `last`
+        or one of another `kind` is refused) and broadcasts, so that all ranks load the same step
+        even if `last` moves or a rank's view of the file system lags, and all raise the same error.
         """
-        box = [str(self.last_checkpoint()) if dist.is_main and self.last_checkpoint() else None]
+        error, found = None, None
+        if dist.is_main:
+            try:
+                found = resume_checkpoint(self.path, kind, repair=self.writes)
+            except UserError as exc:
+                error = str(exc)
+        box = [error, str(found) if found else None]
         if dist.enabled:
             import torch.distributed
 
             torch.distributed.broadcast_object_list(box, src=0)
-        return Path(box[0]) if box[0] else None
+        if box[0]:
+            raise UserError(box[0])
+        return Path(box[1]) if box[1] else None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The logged records, in order. A torn last line (a killed write) is left out; see `_read_metrics`."""

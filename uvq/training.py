@@ -243,7 +243,7 @@ def capture(step: int, dist: DistInfo, *, optimizers: dict[str, Any], scalers: d
                         ranks=ranks)
 
 
-def resume(run: RunDir, dist: DistInfo, *, model: torch.nn.Module, optimizers: dict[str, Any],
+def resume(run: RunDir, dist: DistInfo, *, kind: str, model: torch.nn.Module, optimizers: dict[str, Any],
            scalers: dict[str, Any], ema: EMA | None, generators: dict[str, torch.Generator], data: Any,
            meter: Meter, modules: dict[str, torch.nn.Module] | None = None,
            progress: ProgressFn) -> tuple[Path | None, TrainerState | None]:
@@ -252,7 +252,7 @@ def resume(run: RunDir, dist: DistInfo, *, model: torch.nn.Module, optimizers: d
     Without a checkpoint (killed before the first) the run starts from step 0. Either way
     metrics.jsonl loses its rows after the resume step, so that no step is logged twice.
     """
-    last = run.resume_point(dist)
+    last = run.resume_point(dist, kind=kind)
     state = TrainerState.from_dict(load_trainer_state(last)) if last is not None else None
     dropped = run.truncate_metrics(state.step if state else 0)
     if dropped:

@@ -51,9 +51,12 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(recipe, extra)
         else:  # the data settings the VQGAN was trained with, so that the same val split is held out
             from uvq.config import apply_overrides
+            from uvq.prior.latents import check_recorded_source
 
             saved = read_meta(vqgan).get("config")
             cfg = config_from_dict(apply_overrides(saved, extra)) if saved else load_config(None, extra)
+            if saved and not any(o.startswith("data.source=") for o in extra):  # the source is the checkpoint's
+                check_recorded_source(cfg.data.source, f"VQGAN checkpoint {vqgan}'s meta.json")
         which = weights or cfg.encode.weights
         if which not in ("default", "ema", "model"):
             raise UserError(f"--weights must be default, ema or model, not {which!r}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from uvq import __version__
+from uvq.checkpoint import mark_verified
 from uvq.files import check_out_dir, claim_out_dir, record_written_dir, sha256_file
 from uvq.interop.layouts import (
     _LAYOUT_NAMES,
@@ -101,7 +102,7 @@ def verify_vqgan(ckpt: Path, original: Tensors, layout: str, *, device: torch.de
     """
     from uvq.checkpoint import load_model
 
-    model, meta = load_model(ckpt, "vqgan", device=device)
+    model, meta = load_model(ckpt, "vqgan", device=device, allow_unverified=True)
     p = {k: v.to(device).float() for k, v in original.items()}
     x = _probe_images(images, size, int(meta["model_config"]["in_channels"])).to(device)
     codebook = p["ae.quantize.embedding.weight" if layout == "official" else "quantize.embedding.weight"]
@@ -142,7 +143,7 @@ def verify_prior(ckpt: Path, original: Tensors, n_head: int, *, device: torch.de
     """Reload the prior and compare its logits with the authors' transformer on masked token grids."""
     from uvq.checkpoint import load_model
 
-    model, meta = load_model(ckpt, "prior", device=device)
+    model, meta = load_model(ckpt, "prior", device=device, allow_unverified=True)
     cfg = meta["model_config"]
     k = int(cfg["codebook_size"])
     n = int(cfg["latent_shape"][0]) * int(cfg["latent_shape"][1])
@@ -194,8 +195,9 @@ def _build(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
 def _write(path: Path, kind: str, cfg: dict[str, Any], weights: Tensors, provenance: dict[str, Any]) -> Path:
     from uvq.checkpoint import write_checkpoint_dir
 
+    # marked unverified until the verification passes: a killed import is never taken for a finished one
     return write_checkpoint_dir(path, kind=kind, model_config=cfg, weights={"model": weights},
-                                provenance=provenance, default_weights="model")
+                                provenance=provenance, default_weights="model", unverified=True)
 
 
 def _verify_size(cfg: dict[str, Any], verify_size: int | None) -> int:
@@ -340,7 +342,7 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
         from uvq.checkpoint import read_meta
         from uvq.prior.latents import tokenizer_record
 
-        vq_meta = read_meta(vq_dir)
+        vq_meta = read_meta(vq_dir, allow_unverified=True)
         vq_meta["weights_sha256"] = vq_meta["weights_sha256"]["model"]
         tokenizer = tokenizer_record(vq_meta, "model")
         pr_section = _prior_section(pr_cfg)
@@ -368,6 +370,8 @@ def import_official(out: str | Path, *, vqgan: str | Path, prior: str | Path | N
         summary["prior"]["verification"] = res
         if not res["ok"]:
             raise _fail_verification(written, "prior", res)
+    for path in written:
+        mark_verified(path)
     return summary
 
 
@@ -418,6 +422,7 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
     summary["vqgan"]["verification"] = res
     if not res["ok"]:
         raise _fail_verification([ckpt], "VQGAN", res)
+    mark_verified(ckpt)
     return summary
 
 

@@ -305,6 +305,27 @@ def write_latents(root: str | Path, splits: dict[str, Sequence[tuple[str, np.nda
 # ---------------------------------------------------------------------------------------------
 
 
+def check_recorded_source(source: str, where: str) -> str:
+    """A data source read from a file (a checkpoint's saved config), refused unless plainly a location.
+
+    webdataset opens `pipe:CMD` by running CMD in a shell, and other schemes (gs://, ais://, ...)
+    by running a helper program. A value read from a checkpoint, manifest or run directory is
+    never executed (docs/data.md, "pipe: sources"): only `demo`, local paths and http(s) URLs
+    (fetched by curl given the URL as one argument, no shell) are taken from there. `pipe:`
+    works where the user writes it: --data, a recipe, or a data.source= override.
+    """
+    from urllib.parse import urlparse
+
+    from webdataset.shardlists import expand_urls
+
+    for url in expand_urls(str(source)):  # a brace pattern can assemble "pipe:" from its parts
+        scheme = urlparse(url).scheme
+        if url.startswith("pipe:") or (scheme and scheme not in ("http", "https")):
+            raise UserError(f"{where} records data.source {str(source)[:80]!r}, which would run a program; uvq never "
+                            "runs a command read from a file: pass the data yourself with --data")
+    return str(source)
+
+
 def _check_encode_state(root: Path, state: dict[str, Any]) -> None:
     """A re-run must continue the same encode; otherwise its shards would mix two settings. Reads only."""
     path = root / ENCODE_STATE
@@ -444,6 +465,10 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
         manifest["seconds"] = round(time.time() - t0, 2)
         manifest["encoded"], manifest["skipped"] = totals["encoded"], totals["skipped"]
         manifest["bad_images"] = totals.get("bad_images", 0)
+        if vqgan_meta.get("path"):  # pruning the VQGAN's run keeps these weights (uvq.checkpoint.record_use)
+            from uvq.checkpoint import record_use
+
+            record_use(vqgan_meta["path"], root, "latents", tokenizer["sha256"], progress)
     if claim is not None:
         claim.release()
     barrier()

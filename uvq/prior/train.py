@@ -228,7 +228,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     parts = {"optimizers": {"model": optimizer}, "scalers": {"model": scaler}, "ema": ema,
              "generators": {"process": generator}, "data": stream, "meter": meter}
     if resume:
-        _, state = resume_from(run, dist, model=model, progress=progress, **parts)
+        _, state = resume_from(run, dist, kind="prior", model=model, progress=progress, **parts)
         if state is not None:
             step, best = state.step, dict(state.best)
             process.load_state_dict(state.ranks[dist.rank].extra["process"])
@@ -238,7 +238,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         weights = {"model": model} | ({"ema": ema.model} if ema else {})
         return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="prior", model_config=cfg.to_dict()["model"]["prior"],
                                    weights=weights, config=cfg.to_dict(), provenance=provenance,
-                                   trainer_state=state.to_dict())
+                                   trainer_state=state.to_dict(),
+                                   extra_meta={"best": dict(best)})  # best so far: repairs a stale `best` link
 
     def validate() -> dict[str, Any]:
         was_training = model.training

@@ -45,7 +45,6 @@ from uvq.registry import registry
 from uvq.rundir import RunDir
 from uvq.runtime import (
     DistInfo,
-    UserError,
     amp_context,
     init_distributed,
     resolve_device,
@@ -189,7 +188,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     resumable = {"optimizers": {"ae": opt_ae, "d": opt_d}, "scalers": {"ae": scaler, "d": d_scaler}, "ema": ema,
                  "generators": {"augment": aug_gen}, "data": batches, "meter": meter, "modules": {"disc": disc}}
     if resume:
-        _, state = resume_from(run, dist, model=vqgan, progress=progress, **resumable)
+        _, state = resume_from(run, dist, kind="vqgan", model=vqgan, progress=progress, **resumable)
         step = state.step if state is not None else 0
 
     def trainer_state() -> dict[str, Any]:
