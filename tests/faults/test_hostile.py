@@ -160,7 +160,7 @@ def test_malformed_recipe_is_refused_in_one_line(trick, tmp_path):
 
 
 def _encode_folder(trained, folder, out, cwd, timeout=240):
-    return uvq("encode", "--vqgan", str(trained["vqgan"]), "--data", str(folder), "--out", str(out), "--recipe",
+    return uvq("encode", "--vqgan", str(trained["vqgan"]), "--data", str(folder), "--out", str(out), "--no-flip-copies", "--recipe",
                "demo", *TINY, *CPU, cwd=cwd, timeout=timeout, memory_gib=8)
 
 
