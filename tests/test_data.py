@@ -18,7 +18,14 @@ from torchvision import transforms as T
 
 from uvq.config import DataConfig
 from uvq.data.demo import demo_array, demo_image, demo_key, write_demo_folder
-from uvq.data.sources import DemoSource, decode_image, in_split, key_fraction, resolve_stream
+from uvq.data.sources import (
+    BadImage,
+    DemoSource,
+    decode_image,
+    in_split,
+    key_fraction,
+    resolve_stream,
+)
 from uvq.data.streams import count_images, iterate_images, shard_assignment, train_batches
 from uvq.images import load_rgb
 from uvq.registry import registry
@@ -423,3 +430,73 @@ def test_demo_source_cache_does_not_change_pixels():
     source = DemoSource(8)
     assert torch.equal(source.load(3, 16), source.load(3, 16))
     assert torch.equal(source.load(3, 16), torch.from_numpy(demo_array(3, 16)).permute(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data: symlink loops, decompression bombs, hostile shards (issue 11, finding 9)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_symlink_loops_are_followed_once_and_reported(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a" / "b").mkdir(parents=True)
+    for i, sub in enumerate(["", "a", "a/b"]):
+        _rand_rgb(8, 8, i).save(root / sub / f"x{i}.png")
+    (root / "a" / "b" / "up").symlink_to(root)  # a loop: os.walk(followlinks=True) would read 41x
+    (root / "a" / "again").symlink_to(root / "a")  # a second loop: that one hung
+    events = []
+    cfg = DataConfig(source=str(root), val_fraction=0.0)
+    keys = [k for b in iterate_images(cfg, 8, split="all", batch_size=5, progress=events.append) for k in b["key"]]
+    assert keys == ["a/b/x2", "a/x1", "x0"]  # each image once, in key order
+    warned = [e["message"] for e in events if e["event"] == "warn"]
+    assert len(warned) == 2 and all("already read" in m for m in warned)
+    assert count_images(cfg) == 3
+    # a symlinked folder that is no loop is read (once)
+    (tmp_path / "more").mkdir()
+    _rand_rgb(8, 8, 9).save(tmp_path / "more" / "y.png")
+    (root / "link").symlink_to(tmp_path / "more")
+    assert count_images(cfg) == 4
+
+
+def test_png_claiming_100000_squared_pixels_is_a_bad_image(tmp_path):
+    """A PNG whose header claims 100000x100000 pixels is refused from the header, under the bad-image
+    policy (skipped with a warning, or an error under strict), before any pixel is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "bomb.png").write_bytes(bomb)
+    _rand_rgb(8, 8, 0).save(root / "ok.png")
+    with pytest.raises(BadImage, match="DecompressionBomb"):
+        decode_image(root / "bomb.png", 8)
+    events = []
+    cfg = DataConfig(source=str(root), val_fraction=0.0)
+    stream = iterate_images(cfg, 8, split="all", batch_size=4, progress=events.append)
+    assert [k for b in stream for k in b["key"]] == ["ok"] and stream.stats.skipped == 1
+    assert any("bomb.png" in e["message"] and "DecompressionBomb" in e["message"] for e in events if e["event"] == "warn")
+    with pytest.raises(UserError, match="bomb.png"):
+        list(iterate_images(DataConfig(source=str(root), val_fraction=0.0, strict=True), 8, split="all", batch_size=4))
+
+
+def test_shard_members_that_leave_the_archive_are_refused(tmp_path):
+    """A shard whose member names climb out ('../x') is never extracted; it is bad from that member on."""
+    shard = tmp_path / "evil-000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "good", "png": _png_bytes(_rand_rgb(8, 8, 1))})
+        sink.write({"__key__": "../../escape", "png": _png_bytes(_rand_rgb(8, 8, 2))})
+        sink.write({"__key__": "after", "png": _png_bytes(_rand_rgb(8, 8, 3))})
+    events = []
+    cfg = DataConfig(source=str(shard), val_fraction=0.0)
+    stream = iterate_images(cfg, 8, split="all", batch_size=4, progress=events.append)
+    assert [k for b in stream for k in b["key"]] == ["good"]
+    assert stream.stats.bad_shards == [str(shard)]
+    assert any("leaves the archive" in e["message"] for e in events if e["event"] == "warn")
+    assert not (tmp_path.parent / "escape.png").exists()
+    with pytest.raises(UserError, match="leaves the archive"):
+        list(iterate_images(DataConfig(source=str(shard), val_fraction=0.0, strict=True), 8, split="all", batch_size=4))

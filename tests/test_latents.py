@@ -277,3 +277,49 @@ def _ddp_worker_loaded(rank: int, world: int, port: int, out: str, tiny) -> None
     cfg, _, _, path = tiny
     model, meta = load_model(path, "vqgan")
     _ddp_worker(rank, world, port, out, (cfg, model, meta, path))
+
+
+def test_long_and_unsafe_keys_are_stored_hashed_with_the_original_kept(tmp_path, tiny_vqgan):
+    """A 120-character file name and a 200-character shard key do not fit a tar name; both are
+    encoded (no internal error, no .tmp shard) under hashed names, and read back as their keys."""
+    import webdataset as wds
+    from PIL import Image
+
+    from uvq.config import DataConfig
+
+    cfg, model, meta, _ = tiny_vqgan
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    long_file = "f" * 116  # 120 characters with ".png"
+    images[0].save(folder / f"{long_file}.png")
+    images[1].save(folder / "short.png")
+    out = tmp_path / "lat"
+    data = DataConfig(source=str(folder), val_fraction=0.0)
+    encode_dataset(model, meta, data, out, batch_size=4, shard_size=6)
+    manifest = read_manifest(out)
+    got = {k for b in iterate_latents(manifest, "train", batch_size=10) for k in b["key"]}
+    assert got == {long_file, "short"} and not list(out.glob("*.tmp"))
+
+    shard = tmp_path / "data-000.tar"
+    long_key = "k" * 200
+    with wds.TarWriter(str(shard)) as sink:
+        for key, im in ((long_key, images[0]), ("ok", images[2])):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            sink.write({"__key__": key, "png": buf.getvalue()})
+    out2 = tmp_path / "lat2"
+    encode_dataset(model, meta, DataConfig(source=str(shard), val_fraction=0.0), out2, batch_size=4, shard_size=6)
+    manifest = read_manifest(out2)
+    got = {k for b in iterate_latents(manifest, "train", batch_size=10) for k in b["key"]}
+    assert got == {long_key, "ok"} and not list(out2.glob("*.tmp"))
+    for path in out2.glob("*.tar"):
+        with tarfile.open(path) as tar:
+            assert all(len(n) <= 100 and ".." not in n for n in tar.getnames())
+
+    # a key that would climb out of the archive is never written as a member name
+    written = write_shard(tmp_path / "w.tar", [("../../escape", np.zeros((2, 2), np.uint16))])
+    with tarfile.open(written) as tar:
+        assert all(not n.startswith(("/", "..")) and "/.." not in n for n in tar.getnames())
+    assert [k for k, _ in read_shard(written)] == ["../../escape"]

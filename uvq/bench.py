@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from uvq.config import VQGANConfig, load_config
 from uvq.interop.reference import authors_loop, reference_from
+from uvq.prior.model import preset
+from uvq.registry import registry
+from uvq.runtime import resolve_device
+from uvq.sampling.chain import iter_samples
+from uvq.vqgan.model import build_vqgan
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -54,9 +60,6 @@ def _time_reference(ref: nn.Module, b: int, args: dict[str, Any], variants, step
 
 def _sizes() -> dict[str, dict[str, Any]]:
     """The prior and VQGAN configs benchmarked: the paper's networks and the demo recipe's."""
-    from uvq.config import VQGANConfig, load_config
-    from uvq.prior.model import preset
-
     demo = load_config("demo")
     return {
         "paper": {"prior": preset("paper"), "vqgan": VQGANConfig()},
@@ -74,11 +77,6 @@ def bench_sampling(*, device: str = "auto", quick: bool = False, sizes: list[str
     its time is scaled to the full chain (its every step costs the same: one full pass over the
     batch); uvq's sampler always runs the full chain, since its savings depend on the step.
     """
-    from uvq.registry import registry
-    from uvq.runtime import resolve_device
-    from uvq.sampling.chain import iter_samples
-    from uvq.vqgan.model import build_vqgan
-
     registry.load()
     dev = resolve_device(device)
     cuda = dev.type == "cuda"

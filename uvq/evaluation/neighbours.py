@@ -34,6 +34,7 @@ from uvq import __version__
 from uvq.data.sources import BadImage, decode_image, encoded_images, to_float
 from uvq.evaluation.features import ImageSet, open_set
 from uvq.files import atomic_path, atomic_write_json
+from uvq.images import save_grid
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 
@@ -265,8 +266,6 @@ def neighbours(samples: str | Path, reference: str | Path, out_dir: str | Path, 
     """`uvq neighbours`: write neighbours.png (each row: a sample, then its k neighbours),
     neighbours.csv (sample, rank, reference key, distance) and neighbours.json to `out_dir`
     (which the caller has prepared). Returns the report."""
-    from uvq.images import save_grid
-
     progress = progress or null_progress
     sample_set = open_set(samples, role="samples", progress=progress)
     ref_set = open_set(reference, role="reference", progress=progress)

@@ -259,7 +259,8 @@ def official_transformer(p: Tensors, idx: torch.Tensor, n_head: int) -> torch.Te
     _, n_tokens, n_embd = sd["pos_emb"].shape
     with torch.device("meta"):  # no memory or random init for weights that are replaced at once
         net = AuthorsTransformer(sd["head.weight"].shape[0], n_tokens, n_embd, n_head, n_layer)
-    net.load_state_dict(sd, strict=True, assign=True)
+    # the authors' checkpoints hold more than the network (e.g. an unused `start_tok`): take its tensors
+    net.load_state_dict({k: sd[k] for k in net.state_dict()}, strict=True, assign=True)
     with torch.no_grad():
         return net.eval()(idx)
 

@@ -19,6 +19,7 @@ authors' code names its token cache after the dataset, so stale tokens are silen
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from uvq import __version__
+from uvq.data.sources import unsafe_member
 from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, sha256_file
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register
@@ -75,6 +77,28 @@ def _npy_bytes(codes: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+KEY_MEMBER = ".key.txt"  # the original key of a sample stored under a hashed name
+
+
+def member_name(key: str) -> str:
+    """The tar name a sample's members are stored under: the key itself when it is a safe name
+    that fits a ustar header, else "hashed-<sha256 of the key>" (the key then goes in a KEY_MEMBER).
+
+    A ustar name holds at most 100 bytes (255 split at a '/'), so a long file name or shard key
+    would make tarfile raise mid-shard; a key that leaves the archive's folder ('..', an absolute
+    path; uvq.data.sources.unsafe_member) is never written as a name.
+    """
+    info = tarfile.TarInfo(key + CODES_MEMBER)
+    try:
+        info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        fits = True
+    except ValueError:  # "name is too long"
+        fits = False
+    if fits and not unsafe_member(key) and not key.startswith("hashed-"):
+        return key
+    return "hashed-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 class ShardWriter:
     """Writes one shard to `<name>.tmp` and renames it to `<name>` on `close()`.
 
@@ -91,11 +115,16 @@ class ShardWriter:
     def write(self, key: str, codes: np.ndarray) -> None:
         if codes.dtype != np.uint16:
             raise ValueError(f"codes must be uint16, got {codes.dtype}")
-        data = _npy_bytes(codes)
-        info = tarfile.TarInfo(key + CODES_MEMBER)
+        name = member_name(key)
+        if name != key:  # the original key travels in the sample, just before its codes
+            self._add(name + KEY_MEMBER, key.encode("utf-8", "surrogateescape"))
+        self._add(name + CODES_MEMBER, _npy_bytes(codes))
+        self.count += 1
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self._tar.addfile(info, io.BytesIO(data))
-        self.count += 1
 
     def close(self) -> None:
         self._tar.close()
@@ -126,7 +155,11 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     may contain dots; members with other extensions (a webdataset sample's other fields) are skipped."""
     try:
         with tarfile.open(path, "r:") as tar:
+            original: dict[str, str] = {}  # hashed member name -> the key it stands for
             for info in tar:
+                if info.isfile() and info.name.endswith(KEY_MEMBER):
+                    original[info.name[: -len(KEY_MEMBER)]] = tar.extractfile(info).read().decode("utf-8", "surrogateescape")
+                    continue
                 if not info.isfile() or not info.name.endswith(CODES_MEMBER):
                     continue
                 data = tar.extractfile(info).read()
@@ -135,7 +168,8 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
                 except ValueError as exc:
                     raise UserError(f"{path}: member {info.name} is not a numpy .npy array ({exc}); "
                                     "the shard is damaged: delete it and re-run `uvq encode`") from exc
-                yield info.name[: -len(CODES_MEMBER)], codes
+                name = info.name[: -len(CODES_MEMBER)]
+                yield original.pop(name, name), codes
     except tarfile.TarError as exc:
         raise UserError(f"{path} is not a readable tar shard ({exc}); delete it and re-run `uvq encode`") from exc
 
