@@ -401,7 +401,7 @@ def claim_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
                     _remove_entry(path / name)
             record = None
         if record is None or record.get("entries") is None:  # new, or a marker of an older uvq: start a record
-            record = {**_new_record(command), **({"entries": [], "patterns": []} if record is None else {})}
+            record = _new_record(command)
         record["entries"] = sorted(set(record["entries"]) | set(entries))
         record["patterns"] = sorted(set(record.get("patterns") or []) | set(patterns))
         _write_record(path, record)
