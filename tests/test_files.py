@@ -86,8 +86,10 @@ def test_out_dir_new_empty_resume_and_refuse(tmp_path):
     assert record["command"] == "sample" and record["entries"] == ["result.txt"]
     assert check_out_dir(out, command="sample").action == "empty"  # nothing written yet
     (out / "result.txt").write_text("ours")
-    with pytest.raises(UserError, match="--resume .* or --overwrite"):
-        check_out_dir(out, command="sample")
+    with pytest.raises(UserError, match="not empty; pass --overwrite to replace it"):
+        check_out_dir(out, command="sample")  # sample has nothing to resume
+    with pytest.raises(UserError, match="made by `uvq sample`"):
+        check_out_dir(out, command="fit-vqgan")
     assert check_out_dir(out, command="sample", resume=True).action == "resume"
     with pytest.raises(UserError, match="made by `uvq sample`"):
         check_out_dir(out, command="fit-vqgan", resume=True)

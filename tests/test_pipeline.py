@@ -122,6 +122,6 @@ def test_bad_arguments(tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not a pipeline run"):
+    with pytest.raises(UserError, match="not made by uvq"):
         run_pipeline(tiny(), other, device="cpu")
     assert (other / "notes.txt").read_text() == "keep me"

@@ -458,7 +458,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["--temp", "0"], "--temp must be > 0"),
         (["--sampler", "nope.v1"], "unknown samplers name"),
         (["--prior", str(tmp_path / "missing")], "does not exist"),
-        (["--out", str(tmp_path / "used")], "--overwrite"),
+        (["--out", str(tmp_path / "used")], "not made by uvq"),
     ]
     for extra, message in bad:
         code, _, err = _uvq_in_process(["sample", "--run", str(run), "--out", str(tmp_path / "s"), "--device", "cpu",

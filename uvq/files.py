@@ -41,6 +41,7 @@ from uvq.runtime import UserError
 MARKER = ".uvq"  # the ownership record of every directory uvq made; directories without one are not ours
 LOCK = ".uvq.lock"  # held while a command writes into the directory (one writer per directory)
 RECORD_FORMAT = "uvq-output-dir"
+_RESUMABLE = ("fit-vqgan", "fit-prior")  # the commands with a --resume flag (encode and pipeline always continue)
 # Temporary names of uvq's atomic writes: `.<name>.<random>.tmp` (atomic_path, atomic_dir, the
 # checkpoint directories' `.step-*.tmp`), `<shard>.tar.tmp` (uvq.prior.latents.ShardWriter) and
 # `.<link>.<pid>.lnk` (replace_symlink). Nothing else is ever removed as a leftover.
@@ -288,9 +289,9 @@ def check_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
             raise UserError(f"{path} was made by an older uvq that kept no list of its files, so --overwrite "
                             "cannot tell them from yours; delete it yourself or choose another --out")
         return OutDirPlan(path, command, "overwrite", record, foreign)
-    hint = ("pass --resume to continue it or --overwrite to replace it" if made_by in (None, command)
-            else "pass --overwrite to replace it")
-    raise UserError(f"output directory {path} is not empty (made by `uvq {made_by or 'an older version'}`); {hint}")
+    hint = ("pass --resume to continue it or --overwrite to replace it"
+            if command in _RESUMABLE and made_by in (None, command) else "pass --overwrite to replace it")
+    raise UserError(f"output directory {path} is not empty; {hint} (it was made by `uvq {made_by or 'an older version'}`)")
 
 
 def _is_bookkeeping(name: str) -> bool:
@@ -401,7 +402,7 @@ def claim_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
                     _remove_entry(path / name)
             record = None
         if record is None or record.get("entries") is None:  # new, or a marker of an older uvq: start a record
-            record = {**_new_record(command), **({"entries": [], "patterns": []} if record is None else {})}
+            record = _new_record(command)
         record["entries"] = sorted(set(record["entries"]) | set(entries))
         record["patterns"] = sorted(set(record.get("patterns") or []) | set(patterns))
         _write_record(path, record)

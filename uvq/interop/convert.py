@@ -411,9 +411,9 @@ def import_taming(out: str | Path, *, vqgan: str | Path, img_size: int | None = 
                    "decoder_res_blocks": cfg["dec_res_blocks"], "mask_id": cfg["codebook_size"]}
     ckpt = _write(out, "vqgan", cfg, weights,
                   _provenance("taming", [_source_record(path, "vqgan", sd)], cfg, mapping, conventions))
-    record_written_dir(ckpt, command="import")  # the directory stays ours for a later --overwrite
     if disc is not None:
         _write_discriminator(ckpt, *disc)
+    record_written_dir(ckpt, command="import")  # the directory stays ours for a later --overwrite
     summary: dict[str, Any] = {"format": "taming", "out": str(out), "vqgan": _ckpt_summary(ckpt, cfg, mapping)}
     size = _verify_size(cfg, verify_size)
     progress({"event": "log", "message": f"verifying the imported VQGAN at {size}x{size} on {device}"})
