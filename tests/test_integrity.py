@@ -193,6 +193,29 @@ def test_an_import_stopped_before_verification_is_not_taken_for_finished(tmp_pat
     load_model(ckpt, "vqgan")
 
 
+def test_foreign_files_with_nan_or_a_huge_unpacked_size_are_refused(tmp_path):
+    import zipfile
+
+    from uvq.interop import layouts
+
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    torch.save(bad, tmp_path / "nan.th")
+    with pytest.raises(UserError, match="NaN or infinite values in"):
+        layouts._tensors_only(layouts.load_tensor_file(tmp_path / "nan.th", "--vqgan"), tmp_path / "nan.th", "--vqgan")
+    # A zip whose central directory claims 4 x 4.3 GB (a decompression bomb) is refused before torch.load.
+    with zipfile.ZipFile(tmp_path / "bomb.th", "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(4):
+            zf.writestr(f"archive/data/{i}", b"\0" * 1000)
+    data = bytearray((tmp_path / "bomb.th").read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        data[at + 24:at + 28] = (0xFFFFFFF0).to_bytes(4, "little")  # the entry's uncompressed size
+        at = data.find(b"PK\x01\x02", at + 4)
+    (tmp_path / "bomb.th").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="would unpack to 17 GB"):
+        layouts.load_tensor_file(tmp_path / "bomb.th", "--vqgan")
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding 1: nothing read from a checkpoint is run
 # ---------------------------------------------------------------------------------------------

@@ -599,6 +599,8 @@ def resolve_pair(prior_meta: dict[str, Any], vqgan: str | Path | None, *, allow_
 
     A `vqgan` whose weights are not the prior's tokenizer is refused unless `allow_other_vqgan` (see `find_vqgan`).
     """
+    if vqgan is not None and (given := read_meta(vqgan))["kind"] == "vqgan":
+        check_pair(prior_meta, given)  # a shape mismatch says more than a weights mismatch
     vq_path, vq_weights, _ = find_vqgan(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     vq_meta = read_meta(vq_path)
     check_pair(prior_meta, vq_meta)

@@ -39,6 +39,7 @@ from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 
 PRESETS = ("ffhq", "churches", "bedroom")  # the paper's models, as in recipes/<name>.yaml
+MAX_UNPACKED_BYTES = 16_000_000_000  # uvq.checkpoint.MAX_PARAMETERS float32 parameters, twice (weights and EMA)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -93,6 +94,13 @@ def load_tensor_file(path: str | Path, role: str) -> dict[str, Any]:
                         "(e.g. logs/<run>/saved_models/vqgan_ema_<step>.th)")
     if path.stat().st_size == 0:
         raise UserError(f"{role} {path} is empty (0 bytes); download it again")
+    if zipfile.is_zipfile(path):  # a zip's members may be compressed: refuse one that would unpack huge
+        with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as zf:
+            unpacked = sum(i.file_size for i in zf.infolist())
+            if unpacked > MAX_UNPACKED_BYTES:
+                raise UserError(f"{role} {path} would unpack to {unpacked / 1e9:.0f} GB (more than "
+                                f"{MAX_UNPACKED_BYTES / 1e9:.0f} GB, 2e9 float32 parameters twice over); it is not a "
+                                "checkpoint of these models")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
             warnings.simplefilter("ignore", UserWarning)
@@ -124,6 +132,9 @@ def _tensors_only(sd: Mapping[str, Any], path: Path, role: str) -> Tensors:
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{role} {path} is not a state dict of tensors: entries {bad[:4]} are not tensors")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{role} {path} holds NaN or infinite values in {bad[:4]}; the file is damaged: download it again")
     return dict(sd)
 
 
