@@ -77,6 +77,6 @@ def test_two_process_gloo_training_only_rank0_writes(tmp_path):
         state = torch.load(run / "checkpoints" / f"step-{step:08d}" / "trainer.pt", weights_only=True)
         assert len(state["ranks"]) == 2
         a, b = state["ranks"]
-        assert a["replica"] == b["replica"]
+        assert a["extra"]["replica"] == b["extra"]["replica"]
         assert a["data"]["position"] == b["data"]["position"] == step * 2  # each rank its own slice
-        assert not torch.equal(a["aug_rng"], b["aug_rng"])  # independent DiffAugment draws
+        assert not torch.equal(a["generators"]["augment"], b["generators"]["augment"])  # independent DiffAugment draws

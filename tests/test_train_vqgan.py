@@ -131,6 +131,17 @@ def test_resume_continues_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_inside_a_log_window_logs_the_same_rows(tmp_path):
+    """A stop between log steps (step 4 of windows 1-3, 4-6, 7) keeps the window in the checkpoint."""
+    cfg = tiny("train.steps=7", "run.log_every=3", "run.ckpt_every=100")
+    fit_vqgan(cfg, tmp_path / "straight", device="cpu")
+    fit_vqgan(cfg, tmp_path / "split", device="cpu", max_steps=4)
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [3]
+    fit_vqgan(cfg, tmp_path / "split", device="cpu", resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [3, 6, 7]
+    assert losses_only(read_metrics(tmp_path / "split")) == losses_only(read_metrics(tmp_path / "straight"))
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL between checkpoints resumes from its last one, exactly."""
     out = tmp_path / "killed"

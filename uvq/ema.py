@@ -75,7 +75,7 @@ class EMA:
         """Everything needed to continue exactly; torch.load(weights_only=True)-safe.
 
         `weights=False` leaves the averaged weights out, for callers that store them elsewhere
-        (fit-vqgan keeps them in the checkpoint's ema.safetensors only).
+        (both training loops keep them in the checkpoint's ema.safetensors only; uvq.training).
         """
         state: dict[str, Any] = {"beta": self.beta, "every": self.every, "start": self.start,
                                  "num_updates": self.num_updates}

@@ -306,7 +306,9 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
 
         # Periodic work: log, image grid, checkpoint.
         final = step == target
-        if step % rc.log_every == 0 or final:
+        # A stop before train.steps (max_steps) does not log: the checkpoint keeps the window, so a
+        # resumed run logs the same rows as one that never stopped.
+        if step % rc.log_every == 0 or step == tc.steps:
             logged = meter.reduce(dist)
             refuse_nonfinite(logged, step, last_ckpt)
             elapsed = max(time.time() - t_window, 1e-9)
