@@ -92,13 +92,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def prepare_out_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False,
+def prepare_out_dir(path: str | Path, *, overwrite: bool = False, resume: bool | None = None,
                     what: str = "output") -> Path:
     """Make `path` ready to receive a command's output.
 
     A new or empty directory is taken and marked as ours. A non-empty directory is accepted only
     when `resume` is set and it is ours, or when `overwrite` is set (then its contents are
-    removed). Anything else is a UserError that names the fix.
+    removed). Anything else is a UserError that names the fix (`--resume` only for a caller that
+    can resume, i.e. passes `resume` at all).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -109,7 +110,8 @@ def prepare_out_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         if resume and ours:
             return path
         if not overwrite:
-            hint = "pass --resume to continue it or --overwrite to replace it" if ours else "pass --overwrite to replace its contents"
+            hint = ("pass --resume to continue it or --overwrite to replace it" if ours and resume is not None
+                    else "pass --overwrite to replace its contents")
             raise UserError(f"{what} directory {path} is not empty; {hint}")
         for p in contents:
             if p.is_dir() and not p.is_symlink():
