@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 
 import pytest
 
@@ -13,7 +13,6 @@ from uvq.files import (
     atomic_write_json,
     prepare_out_dir,
     replace_symlink,
-    sha256_file,
 )
 from uvq.runtime import UserError
 
@@ -42,7 +41,7 @@ def test_atomic_dir_replaces_whole(tmp_path):
 def test_json_and_hash(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     data = (tmp_path / "x.json").read_bytes()
-    assert sha256_file(tmp_path / "x.json") == hashlib.sha256(data).hexdigest()
+    assert json.loads(data) == {"a": 1}
 
 
 def test_symlink_swap(tmp_path):
@@ -58,7 +57,9 @@ def test_out_dir_rules(tmp_path):
     assert (out / MARKER).exists()
     (out / "result.txt").write_text("ours")
     with pytest.raises(UserError, match="--resume .* or --overwrite"):
-        prepare_out_dir(out)
+        prepare_out_dir(out, resume=False)
+    with pytest.raises(UserError, match="not empty; pass --overwrite to replace its contents$"):
+        prepare_out_dir(out)  # a command that cannot resume is not told to pass --resume
     assert prepare_out_dir(out, resume=True) == out
     foreign = tmp_path / "foreign"
     foreign.mkdir()
