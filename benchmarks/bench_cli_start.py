@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # one untimed run each: warm the file cache
+    for cmd in COMMANDS.values():  # one untimed run each: warm the file cache
         wall_time(cmd)
     for _ in range(args.runs):
         for name, cmd in COMMANDS.items():

@@ -172,6 +172,15 @@ def _interrupted(signum: int, path: list[str]) -> int:
     return 128 + signum
 
 
+def _leave_process_group() -> None:
+    """Leave a torch.distributed group a command joined, so that the next command run in the same
+    process (the tests run many) starts from none. Looked up, not imported: a command that
+    never imported torch joined nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _failed(exc: Exception) -> int:
     """Print the one line of a failed command (re-raise with --debug) and return its exit status."""
     if isinstance(exc, typer.Abort):
@@ -214,4 +223,5 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _leave_process_group()
     sys.exit(code if isinstance(code, int) else 0)

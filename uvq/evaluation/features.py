@@ -264,7 +264,7 @@ def resolve_inception_weights(path: str | Path | None) -> Path:
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"Inception weights {path} do not exist; download {INCEPTION_URL} and give its path")
+            raise UserError(f"Inception weights file {path} does not exist; download {INCEPTION_URL} and give its path")
         return path
     default = default_inception_weights()
     if default.is_file():
