@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -30,8 +33,41 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-def run_uvq(*args: str, cwd: str | Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real `uvq` entry point in a subprocess (as a user would), capturing output."""
+def run_uvq(*args: str, cwd: str | Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `uvq` entry point (`uvq.cli.app.main`) in this process, as `python -m uvq` would.
+
+    stdout and stderr are captured, the exit status is the SystemExit code (an exception that
+    escapes, as with --debug, is status 1 with its traceback on stderr, as Python prints it), and
+    `cwd` and `env` are set for the call and restored after. The result has the fields of a
+    subprocess.CompletedProcess, so a test reads it like one.
+    """
+    from uvq.cli.app import main
+
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env or {})
+    os.chdir(cwd or REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["uvq", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_uvq_process(*args: str, cwd: str | Path | None = None, env: dict | None = None,
+                    timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m uvq` in a subprocess: for the few tests that need a real process (signals,
+    start-up imports, the README's main command)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "uvq", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -425,14 +425,6 @@ def test_cli_fid_with_inception_weights(tmp_path, uvq_cli, inception_weights):
     assert report["results"]["fid"] == json.loads(proc.stdout)["results"]["fid"]
 
 
-def test_eval_config_replace():
-    from uvq.evaluation.reconstruction import replace_eval
-
-    cfg = replace_eval(EvalConfig(), k=3, batch_size=None)
-    assert cfg.k == 3 and cfg.batch_size == EvalConfig().batch_size
-    assert dataclasses.is_dataclass(cfg)
-
-
 def test_cli_recon(tmp_path, capsys):
     """`uvq eval recon` on a checkpoint directory: the run's own split, report and grid beside it."""
     from uvq.checkpoint import write_checkpoint_dir

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from uvq import __version__
 from uvq.files import atomic_dir, atomic_write_json, replace_symlink, sha256_bytes, sha256_file
 from uvq.progress import ProgressFn, null_progress
-from uvq.runtime import UserError
+from uvq.runtime import UserError, resolve_device
 
 KINDS = ("vqgan", "prior")
 WEIGHT_FILES = {"model": "model.safetensors", "ema": "ema.safetensors"}
@@ -605,3 +605,39 @@ def resolve_pair(prior_meta: dict[str, Any], vqgan: str | Path | None, *, allow_
     vq_meta = read_meta(vq_path)
     check_pair(prior_meta, vq_meta)
     return vq_meta, vq_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# A prior and its VQGAN, loaded together (the prelude of sample, canvas, inpaint and uvq.load_pair)
+# ---------------------------------------------------------------------------------------------
+
+
+class Pair(NamedTuple):
+    """A loaded prior and the VQGAN that decodes its tokens (None when not asked for), in eval mode."""
+
+    prior: torch.nn.Module
+    prior_meta: dict[str, Any]  # read_meta's record; weights_sha256 is the loaded file's
+    vqgan: torch.nn.Module | None
+    vqgan_meta: dict[str, Any] | None
+    vqgan_weights: str | None  # the VQGAN weights loaded: "ema" or "model"
+
+
+def load_pair(prior: str | Path, vqgan: str | Path | None = None, *, weights: str = "default",
+              device: str | torch.device = "auto", decoder: bool = True) -> Pair:
+    """Load a prior checkpoint (or run directory) and the VQGAN its provenance names (or `vqgan`).
+
+    The pair is checked to fit (codebook, latent grid, tokenizer hash) before either is built.
+    `weights` chooses the prior's weights (default, ema or model); the VQGAN's are those that
+    wrote the prior's training latents (its provenance), or its default with an explicit `vqgan`.
+    `decoder=False` loads the prior alone (codes only).
+    """
+    dev = resolve_device(device)
+    prior_meta = read_prior_meta(prior)
+    vq_meta = vq_weights = vq_model = None
+    if decoder:
+        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+    net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
+    if vq_meta is not None:
+        vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
+        vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
+    return Pair(net, prior_meta, vq_model, vq_meta, vq_weights)

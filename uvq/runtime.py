@@ -10,28 +10,34 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """A problem the user can fix. The CLI prints it as one line and exits with status 2."""
-
+# UserError is defined apart so that the CLI can catch it without importing torch.
+from uvq.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Devices
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' picks the local CUDA device (LOCAL_RANK under torchrun) or the CPU."""
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """'auto' picks the local CUDA device (LOCAL_RANK under torchrun) or the CPU; else cpu, cuda or cuda:N.
+
+    uvq runs on CUDA and on the CPU only, so every other torch device type (mps, meta, xpu, ...) is
+    refused here with one line, before a model is built, instead of failing later inside a kernel.
+    """
+    spec = str(spec)
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UserError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
+    kind, colon, index = spec.partition(":")
+    if not (spec == "cpu" or (kind == "cuda" and (not colon or index.isdigit()))):
+        raise UserError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {spec} asked for CUDA but no CUDA device is visible; use --device cpu")
+    if kind == "cuda" and colon and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    device = torch.device(spec)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device

@@ -2,12 +2,20 @@
 
 Error policy: a `UserError` (or a bad flag) prints one line `error: ...` on stderr and exits
 2; any other exception prints one line and exits 1. `--debug` shows the traceback instead.
+An interruption never exits 0: SIGINT (Ctrl-C) exits 130 and SIGTERM 143 (128 + the signal's
+number, the shell's convention), after one line saying what was kept and how to go on.
+
+Start-up cost: this module and the command modules import neither torch nor numpy; each command
+imports the library it wraps inside its function, so `uvq --help`, `uvq --version` and a mistyped
+command answer at once (benchmarks/bench_cli_start.py measures it).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import typer
 
@@ -18,7 +26,7 @@ try:  # typer >= 0.2x vendors click and exposes its exception base here
 except ImportError:  # older typer re-uses click's
     from click import ClickException as _CliError
 from uvq.cli.common import STATE, eval_app
-from uvq.runtime import UserError
+from uvq.errors import UserError
 
 app = typer.Typer(
     name="uvq",
@@ -46,6 +54,30 @@ COMMAND_MODULES = (
     "uvq.cli.bench",
 )
 
+# The top-level help's panels, in one place: every command and group has exactly one.
+PANELS = {
+    "train": ("fit-vqgan", "encode", "fit-prior", "pipeline"),
+    "generate": ("sample", "upscale-canvas", "inpaint"),
+    "evaluate": ("eval", "neighbours"),
+    "models": ("import",),
+    "tools": ("config", "ls", "bench"),
+}
+
+# What an interrupted command leaves behind and how to go on, for the line it prints. Every
+# option named here is one the command has (tests/test_cli_core.py checks it).
+_RESUME_TRAINING = ("checkpoints written so far are kept in the run directory; rerun the same command "
+                    "with --resume to continue from the last one")
+INTERRUPT_HINTS = {
+    "fit-vqgan": _RESUME_TRAINING,
+    "fit-prior": _RESUME_TRAINING,
+    "encode": "finished shards are kept; rerun the same command to encode the rest",
+    "pipeline": "finished stages are kept; rerun the same command to continue",
+    "config": "nothing was written",
+    "ls": "nothing was written",
+    "bench": "nothing was written",
+}
+_DEFAULT_HINT = "its output directory may be incomplete; rerun the command with --overwrite"
+
 
 def _version(value: bool) -> None:
     if value:
@@ -69,39 +101,127 @@ for _name in COMMAND_MODULES:
 if eval_app.registered_commands:
     app.add_typer(eval_app, name="eval")
 
+_PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+for _info in [*app.registered_commands, *app.registered_groups]:
+    _info.rich_help_panel = _PANEL_OF[_info.name]
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app and turn exceptions into one line and an exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    STATE.argv = ["uvq", *args]
-    STATE.debug = "--debug" in args
-    STATE.json = False
-    try:
-        app(args=args, standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
+
+def _flags_without_metavar(command, ctx) -> None:
+    """typer 0.2x prints the value type of every option, `<bool>` for flags too, though a flag
+    takes no value; an empty metavar removes it (the built-in --help included)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_without_metavar(sub, sub.context_class(sub, parent=ctx))
+
+
+def build_command():
+    """The click command tree of `app`, as `uvq` runs it."""
+    command = typer.main.get_command(app)
+    order = list(_PANEL_OF)  # the help lists panels, and commands within them, in PANELS' order
+    command.commands = dict(sorted(command.commands.items(), key=lambda item: order.index(item[0])))
+    _flags_without_metavar(command, command.context_class(command, **command.context_settings))
+    return command
+
+
+def _command_path(command, args: list[str]) -> list[str]:
+    """The subcommand names in `args` (`["eval", "fid"]`), skipping the global options before them."""
+    path = []
+    for word in args:
+        if word.startswith("-"):
+            continue
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        path.append(word)
+        command = sub
+    return path
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal turned into an exception, so that `finally` blocks and the atomic writes' cleanup
+    (uvq.files) run on SIGTERM exactly as they do on Ctrl-C."""
+
+
+def _install_signal_handlers(received: list[int]) -> dict[int, object]:
+    """SIGTERM (and SIGINT, where Python's own Ctrl-C handler is in place) append the signal's
+    number to `received` and raise `Interrupted`.
+
+    A SIGINT that the parent ignores (a background job of a shell script) stays ignored. Returns
+    the previous handlers; handlers can only be set from the main thread, elsewhere none are.
+    """
+    def interrupt(signum: int, frame) -> None:
+        received.append(signum)
+        raise Interrupted(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            previous[signum] = signal.signal(signum, interrupt)
+    return previous
+
+
+def _interrupted(signum: int, path: list[str]) -> int:
+    """Print the one line of an interrupted command and return its exit status."""
+    name = signal.Signals(signum).name
+    hint = INTERRUPT_HINTS.get(path[0], _DEFAULT_HINT) if path else None
+    print(f"error: interrupted by {name}; {hint}" if hint else f"error: interrupted by {name}", file=sys.stderr)
+    return 128 + signum
+
+
+def _leave_process_group() -> None:
+    """Leave a torch.distributed group a command joined, so that the next command run in the same
+    process (the tests run many) starts from none. Looked up, not imported: a command that
+    never imported torch joined nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _failed(exc: Exception) -> int:
+    """Print the one line of a failed command (re-raise with --debug) and return its exit status."""
+    if isinstance(exc, typer.Abort):
         print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except _CliError as exc:
-        if STATE.debug:
-            raise
+        return 130
+    if STATE.debug:
+        raise exc
+    if isinstance(exc, _CliError):
         message = exc.format_message()
         if message:  # `uvq` alone prints the help and an empty NoArgsIsHelp error
             print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    except UserError as exc:
-        if STATE.debug:
-            raise
+        return 2
+    if isinstance(exc, UserError):
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:
-        if STATE.debug:
-            raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(0)
+        return 2
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"error: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn exceptions into one line and an exit status (sys.exit)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    STATE.reset(argv=["uvq", *args], debug="--debug" in args)
+    received: list[int] = []
+    previous = _install_signal_handlers(received)
+    path: list[str] = []
+    try:
+        command = build_command()
+        path = _command_path(command, args)
+        # With standalone_mode=False click returns the exit code of `typer.Exit` (0 for --help
+        # and --version) and turns a KeyboardInterrupt inside a command into the value 130.
+        code = command.main(args=args, prog_name="uvq", standalone_mode=False)
+        if received or code == 130:
+            code = _interrupted(received[0] if received else signal.SIGINT, path)
+    except KeyboardInterrupt:  # outside the command (while the tree is built), or `Interrupted`
+        code = _interrupted(received[0] if received else signal.SIGINT, path)
+    except Exception as exc:  # a signal's cleanup may fail too: the signal still decides the status
+        code = _interrupted(received[0], path) if received else _failed(exc)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _leave_process_group()
+    sys.exit(code if isinstance(code, int) else 0)

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import typer
 
-# ---------------------------------------------------------------------------------------------
-# The command group
-# ---------------------------------------------------------------------------------------------
-from uvq.bench import bench_sampling, format_table
 from uvq.cli.common import DebugOpt, DeviceOpt, JsonOpt, apply_local, emit, reporter
 
 
@@ -39,6 +35,8 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Sampling throughput (tokens, tokens + decoding), passes per image, memory, ratio to the authors' loop."""
+        # Imported here, not at the top, so that `uvq --help` imports no torch.
+        from uvq.bench import bench_sampling, format_table
         from uvq.runtime import UserError
 
         apply_local(json_flag, debug)

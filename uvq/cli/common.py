@@ -20,21 +20,28 @@ class GlobalState:
     json: bool = False
     argv: list[str] = field(default_factory=lambda: list(sys.argv))
 
+    def reset(self, argv: list[str], debug: bool = False) -> None:
+        """Start a command afresh: `uvq.cli.app.main` may run many in one process (the tests do)."""
+        self.argv, self.debug, self.json = list(argv), debug, False
+
 
 STATE = GlobalState()
 
 # Shared option declarations, so that every command spells them the same way.
 OutOpt = typer.Option(..., "--out", "-o", help="Output directory.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+# Every --seed makes a run reproducible; where a recipe is the command's input, it defaults to the
+# recipe's run.seed, elsewhere the command's own option says its default (0).
 SeedOpt = typer.Option(None, "--seed", help="Random seed (default: the recipe's run.seed).")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the contents of a non-empty output directory.")
-JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON summary on stdout; progress as JSON lines on stderr.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 # Where the sampling commands (sample, upscale-canvas, inpaint) take their models from.
 PriorOpt = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
                         "--recipe or the current directory).")
 PriorRunOpt = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from.")
-PriorRecipeOpt = typer.Option(None, "--recipe", help="Take the prior of this recipe's pipeline run (runs/<name>).")
+PriorRecipeOpt = typer.Option(None, "--recipe", help="Recipe (YAML path or packaged name) whose pipeline run "
+                              "(runs/<name>) holds the prior.")
 VqganOpt = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance).")
 
 

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Latents directory (shards + manifest.json)."),
         data: str = typer.Option(None, "--data", help="Data source: demo, an image folder, or webdataset shards "
                                                        "(default: the recipe's data.source)."),
-        recipe: str = typer.Option(None, "--recipe", help="Recipe for the data and encode sections "
+        recipe: str = typer.Option(None, "--recipe", help="Recipe (YAML path or packaged name) for the data and encode sections "
                                                            "(default: the VQGAN checkpoint's own config)."),
         overrides: list[str] = typer.Argument(None, help="section.key=value overrides (data.*, encode.*)."),
         batch_size: int = typer.Option(None, "--batch-size", help="Images per encoder pass (default: encode.batch_size)."),

@@ -12,7 +12,6 @@ from uvq.cli.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
-    SeedOpt,
     apply_local,
     emit,
     eval_app,
@@ -22,7 +21,10 @@ from uvq.cli.common import (
 SamplesOpt = typer.Option(..., "--samples", help="Samples: image folder, `uvq sample` directory, webdataset shards, or features (.npy/.safetensors).")
 ReferenceOpt = typer.Option(..., "--reference", help="Reference (the training set): as --samples, or a mu/sigma statistics file (.npz, FID only).")
 ReportOutOpt = typer.Option(None, "--out", "-o", help="Directory for the report (default: beside the samples).")
-RecipeOpt = typer.Option(None, "--recipe", help="Take the eval settings (extractor, k, batch size, weights) from this recipe.")
+RecipeOpt = typer.Option(None, "--recipe", help="Recipe (YAML path or packaged name) whose eval section gives the "
+                         "settings (extractor, k, batch size, weights).")
+# No recipe run is involved, so the seed defaults to 0 (not to a recipe's run.seed).
+EvalSeedOpt = typer.Option(0, "--seed", help="Seed of KID's random subsets (recorded in every report).")
 WeightsOpt = typer.Option(None, "--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (offline use).")
 BatchOpt = typer.Option(None, "--batch-size", help="Images per extractor batch (default: the recipe's eval.batch_size).")
 CacheOpt = typer.Option(None, "--cache-dir", help="Feature cache (default: $UVQ_CACHE/features or ~/.cache/uvq/features).")
@@ -46,7 +48,7 @@ def _report_path(out: Path | None, samples: str, name: str) -> Path:
 
 def _set_metric(metric: str, samples: str, reference: str, out: Path | None, recipe: str | None,
                 inception_weights: Path | None, batch_size: int | None, cache_dir: Path | None, k: int | None,
-                device: str, seed: int | None, overwrite: bool) -> None:
+                device: str, seed: int, overwrite: bool) -> None:
     from uvq.evaluation.metrics import evaluate_metrics, write_report
     from uvq.runtime import resolve_device
 
@@ -56,7 +58,7 @@ def _set_metric(metric: str, samples: str, reference: str, out: Path | None, rec
     rep = reporter()
     try:
         report = evaluate_metrics([metric], samples, reference, cfg_eval=cfg, device=resolve_device(device),
-                                  progress=rep, seed=seed or 0, cache_dir=cache_dir)
+                                  progress=rep, seed=seed, cache_dir=cache_dir)
     finally:
         rep.close()
     report["command"] = " ".join(STATE.argv)
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("fid")
     def fid(samples: str = SamplesOpt, reference: str = ReferenceOpt, out: Path = ReportOutOpt,
             recipe: str = RecipeOpt, inception_weights: Path = WeightsOpt, batch_size: int = BatchOpt,
-            cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = SeedOpt, overwrite: bool = OverwriteOpt,
+            cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = EvalSeedOpt, overwrite: bool = OverwriteOpt,
             json_flag: bool = JsonOpt, debug: bool = DebugOpt) -> None:
         """Fréchet Inception distance of samples against a reference (2048-d inception-v3-compat features)."""
         apply_local(json_flag, debug)
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("kid")
     def kid(samples: str = SamplesOpt, reference: str = ReferenceOpt, out: Path = ReportOutOpt,
             recipe: str = RecipeOpt, inception_weights: Path = WeightsOpt, batch_size: int = BatchOpt,
-            cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = SeedOpt, overwrite: bool = OverwriteOpt,
+            cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = EvalSeedOpt, overwrite: bool = OverwriteOpt,
             json_flag: bool = JsonOpt, debug: bool = DebugOpt) -> None:
         """Kernel Inception distance (torch-fidelity: 100 subsets of 1000, cubic kernel; --seed picks the subsets)."""
         apply_local(json_flag, debug)
@@ -95,7 +97,7 @@ def register(app: typer.Typer) -> None:
     def prdc(samples: str = SamplesOpt, reference: str = ReferenceOpt,
              k: int = typer.Option(None, "--k", help="Nearest neighbours (default 5 as the prdc package; the paper's code used 3)."),
              out: Path = ReportOutOpt, recipe: str = RecipeOpt, inception_weights: Path = WeightsOpt,
-             batch_size: int = BatchOpt, cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = SeedOpt,
+             batch_size: int = BatchOpt, cache_dir: Path = CacheOpt, device: str = DeviceOpt, seed: int = EvalSeedOpt,
              overwrite: bool = OverwriteOpt, json_flag: bool = JsonOpt, debug: bool = DebugOpt) -> None:
         """Precision, recall, density and coverage (Naeem et al. 2020), in bounded memory."""
         apply_local(json_flag, debug)

@@ -175,13 +175,13 @@ def resolve_inception_weights(path: str | Path | None) -> Path:
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"--inception-weights {path} does not exist; download {INCEPTION_URL} and pass its path")
+            raise UserError(f"Inception weights file {path} does not exist; download {INCEPTION_URL} and give its path")
         return path
     default = default_inception_weights()
     if default.is_file():
         return default
     raise UserError(f"Inception weights not found: download {INCEPTION_URL} and place it at {default} "
-                    "(or pass --inception-weights PATH)")
+                    "(or give its path: --inception-weights PATH, or eval.inception_weights in a recipe)")
 
 
 class InceptionFeatures:

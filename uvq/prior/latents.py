@@ -490,7 +490,7 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     if info.is_main:
         found = list_shards(root)
         if not found["train"] and not found["val"]:
-            raise UserError(f"no images were read from data source {data_cfg.source!r}; check --data")
+            raise UserError(f"no images were read from data source {data_cfg.source!r}; check that it holds readable images")
         if latent_shape is None:  # every shard was already complete: read the shape back
             _, first = next(read_shard((found["train"] or found["val"])[0]))
             latent_shape = list(first.shape)

@@ -445,7 +445,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     the prior's window token count N (random order) or the canvas's token count (raster order,
     one token per step as the authors).
     """
-    from uvq.checkpoint import load_model, read_prior_meta, resolve_pair
+    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
@@ -475,9 +475,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
                           entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
     out = claim.path
-    net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
-    vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
-    vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev)
 
     progress({"event": "log", "message": f"canvas {canvas[0]}x{canvas[1]} latents "
               f"({canvas[0] * downsample}x{canvas[1] * downsample} pixels), {len(geometry)} windows of "

@@ -366,7 +366,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     inpaint.json (checkpoint hashes, settings, and per input the fitting, the mask size, t_start).
     Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j.
     """
-    from uvq.checkpoint import load_model, read_prior_meta, resolve_pair
+    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.runtime import resolve_device
@@ -403,9 +403,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
                           entries=[*names, "inpaint.json"])
     out = claim.path
-    net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
-    vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
-    vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev)
 
     stats = CanvasStats()
     records = []

@@ -51,7 +51,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
     `images=False` writes codes only and needs no VQGAN.
     """
-    from uvq.checkpoint import load_model
+    from uvq.checkpoint import load_pair
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
@@ -72,10 +72,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta and vq_meta["path"]),
                           entries=("grid.png", "codes", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
     out = claim.path
-    net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
-    if vq_meta is not None:
-        vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)
-        vq_weights = vq_meta["default_weights"] if vq_weights == "default" else vq_weights
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev,
+                                                               decoder=vq_meta is not None)
     latent_shape = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
 
     stats: dict[str, Any] = {}
