@@ -269,8 +269,14 @@ def test_inpaint_cli_and_one_line_errors(tmp_path, capsys):
     bad = [
         (["--mask", str(mask)], "is 16x8 pixels but image photo.png is 16x16"),
         (["--box", "0,0,17,4"], "lies outside image photo.png"),
-        (["--box", "0,0,4,4", "--dilate", "-1"], "--dilate"),
-        (["--box", "0,0,4,4", "--feather", "2"], "needs --composite"),
+        (["--box", "0,0,4,4", "--dilate", "-1"], "inpaint.dilate must be >= 0"),
+        (["--box", "0,0,4,4", "--feather", "2"], "needs inpaint.composite (--composite)"),
+        (["--box", "0,0,4,4", "--temp", "1e-45"], "inpaint.temp must be between 0.001 and 1000"),
+        (["--box", "0,0,4,4", "inpaint.options.top_k=0"], "inpaint.options.top_k must be an integer >= 1"),
+        (["--box", "0,0,4,4", "inpaint.options.top_p=0"], "inpaint.options.top_p must be a number in (0, 1]"),
+        (["--box", "0,0,4,4", "inpaint.sampler=nope.v1"], "inpaint.sampler: unknown samplers name 'nope.v1'"),
+        (["--extend", "left=100000", "inpaint.max_memory_gb=0.5"], "needs about 0.8"),
+        (["--extend", "left=100000,top=100000"], "over inpaint.max_memory_gb=64"),
         (["--extend", "left=3"], "multiple of the VQGAN's downsampling factor 2"),
         ([], "nothing to regenerate"),
     ]
