@@ -37,8 +37,8 @@ CATEGORIES: dict[str, str] = {
               "(model.prior.name)",
     "samplers": "sampler(x [B, N], predict, *, mask_id, steps, temp, rng, t_start=None, **options) -> "
                 "Iterator[ChainStep]; reveals every mask id of x (sample.sampler, sample.options)",
-    "feature_extractors": "build(cfg: EvalConfig, device='cpu') -> extractor; images [B, 3, H, W] in [0, 1] -> "
-                          "features [B, F] (eval.feature_extractor)",
+    "feature_extractors": "build(cfg: EvalConfig, device='cpu') -> extractor; uint8 images [B, 3, H, W] -> "
+                          "float features [B, F] (eval.feature_extractor)",
     "streams": "build(cfg: DataConfig) -> image source (keys, load or a stream of images) (data.stream)",
 }
 ENTRY_POINT_GROUP = "uvq.plugins"
