@@ -192,6 +192,12 @@ def test_training_size_canvas_is_uvq_sample():
         canvas, stats = sample_canvases(net, 5, (4, 4), steps=steps, temp=0.9, seed=3, batch_size=2)
         assert torch.equal(canvas.flatten(1), plain)
         assert stats.windows_evaluated == stats.chain_passes  # one window per canvas row
+    # the chosen sampler and its options run on the canvas too
+    for sampler, options in (("maskgit_cosine.v1", {"choice_temp": 2.0}), ("absorbing_top_k.v1", {"top_k": 3})):
+        plain = sample_tokens(net, 3, steps=8, temp=0.9, seed=3, batch_size=3, sampler=sampler, options=options)
+        canvas, _ = sample_canvases(net, 3, (4, 4), steps=8, temp=0.9, seed=3, batch_size=2, sampler=sampler,
+                                    options=options)
+        assert torch.equal(canvas.flatten(1), plain), sampler
 
 
 def test_canvas_seed_does_not_depend_on_batch_size_and_raster_reveals_one_per_step():

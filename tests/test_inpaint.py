@@ -146,6 +146,13 @@ def test_inpainting_is_the_sampling_chain_from_t_start():
     with torch.no_grad():
         direct, _ = run_chain(x, net, mask_id=K, steps=12, temp=0.9, rng=SampleRNG(5, [0, 1, 2]), t_start=6)
     assert result.t_start == 6 and torch.equal(result.tokens.flatten(1), direct)
+    # the chosen sampler and its options are the ones that run
+    result = inpaint_tokens(net, known, mask, n=3, steps=12, temp=0.9, seed=5, sampler="maskgit_cosine.v1",
+                            options={"choice_temp": 2.0, "top_k": 4})
+    with torch.no_grad():
+        direct, _ = run_chain(x, net, sampler="maskgit_cosine.v1", mask_id=K, steps=12, temp=0.9,
+                              rng=SampleRNG(5, [0, 1, 2]), t_start=6, choice_temp=2.0, top_k=4)
+    assert torch.equal(result.tokens.flatten(1), direct)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -510,3 +510,26 @@ def test_benchmark_runs_and_reports_ratios():
     assert row["steps"] == 4 and row["batch"] == 2 and 0 < row["passes_per_image"] <= 4
     assert row["tokens_images_per_s"] > 0 and row["ratio"] > 0 and row["reference"]["fp32"]["steps_timed"] == 2
     assert "demo" in format_table(result)
+
+
+def test_sample_cli_overrides_and_shortcuts_reach_the_sampler(tmp_path, capsys):
+    import json
+
+    make_checkpoints(tmp_path / "run")
+    code, out, err = _uvq_in_process(["sample", "sample.sampler=maskgit_cosine.v1", "sample.options.choice_temp=2",
+                                      "--top-k", "3", "--n", "3", "--codes", "--run", str(tmp_path / "run"),
+                                      "--out", str(tmp_path / "s"), "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["sampler"] == "maskgit_cosine.v1" and summary["sampler_options"] == {"choice_temp": 2, "top_k": 3}
+    assert summary["n"] == 3 and summary["steps"] == 8  # the rest from the prior's own sample section
+    assert "sample: sampler=maskgit_cosine.v1" in err
+    from uvq.checkpoint import load_model
+    from uvq.prior.latents import read_manifest, read_shard
+
+    net, _ = load_model(tmp_path / "run" / "prior", "prior")
+    tokens = sample_tokens(net, 3, steps=8, temp=0.9, seed=0, batch_size=4, sampler="maskgit_cosine.v1",
+                           options={"choice_temp": 2, "top_k": 3})
+    codes_dir = tmp_path / "s" / "codes"
+    codes = dict(read_shard(codes_dir / read_manifest(codes_dir)["shards"][0]["name"]))
+    assert torch.equal(torch.from_numpy(codes["sample-000002"].astype("int64")).flatten(), tokens[2])

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         temp: float = typer.Option(None, "--temp", help="canvas.temp: temperature applied to the window mixture."),
         stride: int = typer.Option(None, "--stride", help="canvas.stride: between windows, 1..window size."),
         windows: str = typer.Option(None, "--windows", help="canvas.windows: all, or random:M (M windows per step)."),
-        wrap: bool = typer.Option(False, "--wrap", help="canvas.wrap: windows wrap around the edges (a tile)."),
+        wrap: bool = typer.Option(False, "--wrap", metavar="", help="canvas.wrap: windows wrap around the edges (a tile)."),
         order: str = typer.Option(None, "--order", help="canvas.options.order: random (the method) or raster "
                                   "(one token per step, the authors' code)."),
         batch_size: int = typer.Option(None, "--batch-size", help="canvas.batch_size: canvases sampled together."),

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
                                   "tokens); the chain starts at round(T * masked / N)."),
         temp: float = typer.Option(None, "--temp", help="inpaint.temp: temperature of softmax(logits / temp)."),
         dilate: int = typer.Option(None, "--dilate", help="inpaint.dilate: grow the latent mask by k latents."),
-        composite: bool = typer.Option(False, "--composite", help="inpaint.composite: paste the generated region "
+        composite: bool = typer.Option(False, "--composite", metavar="", help="inpaint.composite: paste the generated region "
                                        "into the original pixels."),
         feather: int = typer.Option(None, "--feather", help="inpaint.feather: with --composite, blend the edge "
                                     "over this many pixels."),

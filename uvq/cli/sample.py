@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         top_p: float = typer.Option(None, "--top-p", help="sample.options.top_p: values from the nucleus of mass p."),
         out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: samples/<run name>)."),
         seed: int = typer.Option(0, "--seed", help="Seed; sample i depends only on (seed, i), not on the batch size."),
-        codes: bool = typer.Option(False, "--codes", help="Also write the token grids as latent shards (codes/)."),
+        codes: bool = typer.Option(False, "--codes", metavar="", help="Also write the token grids as latent shards (codes/)."),
         weights: str = typer.Option("default", "--weights", help="Prior weights: default, ema or model."),
         device: str = DeviceOpt,
         overwrite: bool = OverwriteOpt,
