@@ -337,3 +337,26 @@ def test_uvq_ls_snapshot(capsys):
         SNAPSHOT.write_text("\n".join(rows) + "\n")
     assert rows == SNAPSHOT.read_text().splitlines(), (
         "uvq ls changed; if that is intended, rerun with UVQ_UPDATE_SNAPSHOTS=1 and commit tests/snapshots/uvq-ls.txt")
+
+
+def test_every_registry_name_field_of_a_recipe_is_resolved():
+    """Each recipe field whose default is a registered name is in CONFIG_NAMES (or a sampler section)."""
+    import dataclasses
+
+    from uvq.config import Config
+    from uvq.registry import CONFIG_NAMES, SAMPLER_SECTIONS
+
+    registry.load()
+    names = {n for c in CATEGORIES for n in registry.names(c)}
+
+    def walk(obj, path):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{path}{f.name}.")
+            elif isinstance(value, str) and value in names:
+                yield f"{path}{f.name}"
+
+    listed = {p for p, _ in CONFIG_NAMES} | {f"{s}.sampler" for s in SAMPLER_SECTIONS}
+    found = set(walk(Config(), ""))
+    assert found and found <= listed
