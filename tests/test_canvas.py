@@ -192,6 +192,12 @@ def test_training_size_canvas_is_uvq_sample():
         canvas, stats = sample_canvases(net, 5, (4, 4), steps=steps, temp=0.9, seed=3, batch_size=2)
         assert torch.equal(canvas.flatten(1), plain)
         assert stats.windows_evaluated == stats.chain_passes  # one window per canvas row
+    # the chosen sampler and its options run on the canvas too
+    for sampler, options in (("maskgit_cosine.v1", {"choice_temp": 2.0}), ("absorbing_top_k.v1", {"top_k": 3})):
+        plain = sample_tokens(net, 3, steps=8, temp=0.9, seed=3, batch_size=3, sampler=sampler, options=options)
+        canvas, _ = sample_canvases(net, 3, (4, 4), steps=8, temp=0.9, seed=3, batch_size=2, sampler=sampler,
+                                    options=options)
+        assert torch.equal(canvas.flatten(1), plain), sampler
 
 
 def test_canvas_seed_does_not_depend_on_batch_size_and_raster_reveals_one_per_step():
@@ -202,7 +208,7 @@ def test_canvas_seed_does_not_depend_on_batch_size_and_raster_reveals_one_per_st
     c, _ = sample_canvases(net, 2, (5, 6), steps=8, temp=1.0, seed=7, batch_size=2, windows="random:2", wrap=True)
     d, _ = sample_canvases(net, 2, (5, 6), steps=8, temp=1.0, seed=7, batch_size=1, windows="random:2", wrap=True)
     assert torch.equal(c, d) and bool((c < K).all())
-    r, stats = sample_canvases(net, 1, (4, 5), steps=20, temp=1.0, seed=7, order="raster")
+    r, stats = sample_canvases(net, 1, (4, 5), steps=20, temp=1.0, seed=7, options={"order": "raster"})
     assert stats.steps == 20 and stats.chain_passes == 20 and bool((r < K).all())
 
 
@@ -294,6 +300,14 @@ def test_upscale_canvas_cli_and_one_line_errors(tmp_path, capsys):
         (["--size", "15x32"], "not a multiple of the VQGAN's downsampling factor 2"),
         (["--latent-size", "8x16", "--windows", "random"], "random:M"),
         ([], "exactly one of --size"),
+        (["--size", "100000x100000"], "over canvas.max_memory_gb=64"),
+        (["--latent-size", "8x16", "--batch-size", "0"], "canvas.n and canvas.batch_size must be >= 1"),
+        (["--latent-size", "8x16", "--temp", "1e-45"], "canvas.temp must be between 0.001 and 1000"),
+        (["--latent-size", "8x16", "canvas.options.top_k=0"], "canvas.options.top_k must be an integer >= 1"),
+        (["--latent-size", "8x16", "canvas.options.top_p=1.5"], "canvas.options.top_p must be a number in (0, 1]"),
+        (["--latent-size", "8x16", "--order", "zigzag"], "canvas.options.order must be random or raster"),
+        (["--latent-size", "8x16", "canvas.sampler=maskgit_cosine.v1", "--order", "raster"],
+         "canvas.options.order is not an option of the sampler maskgit_cosine.v1"),
     ]
     for extra, message in bad:
         code, _, err = uvq("upscale-canvas", "--prior", str(prior_ckpt), "--out", str(tmp_path / "bad"),

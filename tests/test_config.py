@@ -81,7 +81,7 @@ def test_unknown_key_names_path_and_closest():
         ("model.vqgan.codebook_size=1", r"model.vqgan.codebook_size must be in \[2, 65535\] \(got 1\)"),
         ("model.vqgan.img_size=30", "not divisible by the downsampling factor 4"),
         ("train.beta_placement=middle", "must be one of"),
-        ("sample.temp=0", "sample.temp must be > 0"),
+        ("sample.temp=0", "sample.temp must be between 0.001 and 1000"),
         ("train.ema=maybe", "must be true or false"),
         ("model.vqgan.ch_mult=3", "must be a list"),
         ("prior_train.lr=-1", r"prior_train.lr must be > 0.0 \(got -1.0\)"),

@@ -146,6 +146,13 @@ def test_inpainting_is_the_sampling_chain_from_t_start():
     with torch.no_grad():
         direct, _ = run_chain(x, net, mask_id=K, steps=12, temp=0.9, rng=SampleRNG(5, [0, 1, 2]), t_start=6)
     assert result.t_start == 6 and torch.equal(result.tokens.flatten(1), direct)
+    # the chosen sampler and its options are the ones that run
+    result = inpaint_tokens(net, known, mask, n=3, steps=12, temp=0.9, seed=5, sampler="maskgit_cosine.v1",
+                            options={"choice_temp": 2.0, "top_k": 4})
+    with torch.no_grad():
+        direct, _ = run_chain(x, net, sampler="maskgit_cosine.v1", mask_id=K, steps=12, temp=0.9,
+                              rng=SampleRNG(5, [0, 1, 2]), t_start=6, choice_temp=2.0, top_k=4)
+    assert torch.equal(result.tokens.flatten(1), direct)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +276,14 @@ def test_inpaint_cli_and_one_line_errors(tmp_path, capsys):
     bad = [
         (["--mask", str(mask)], "is 16x8 pixels but image photo.png is 16x16"),
         (["--box", "0,0,17,4"], "lies outside image photo.png"),
-        (["--box", "0,0,4,4", "--dilate", "-1"], "--dilate"),
-        (["--box", "0,0,4,4", "--feather", "2"], "needs --composite"),
+        (["--box", "0,0,4,4", "--dilate", "-1"], "inpaint.dilate must be >= 0"),
+        (["--box", "0,0,4,4", "--feather", "2"], "needs inpaint.composite (--composite)"),
+        (["--box", "0,0,4,4", "--temp", "1e-45"], "inpaint.temp must be between 0.001 and 1000"),
+        (["--box", "0,0,4,4", "inpaint.options.top_k=0"], "inpaint.options.top_k must be an integer >= 1"),
+        (["--box", "0,0,4,4", "inpaint.options.top_p=0"], "inpaint.options.top_p must be a number in (0, 1]"),
+        (["--box", "0,0,4,4", "inpaint.sampler=nope.v1"], "inpaint.sampler: unknown samplers name 'nope.v1'"),
+        (["--extend", "left=100000", "inpaint.max_memory_gb=0.5"], "needs about 0.8"),
+        (["--extend", "left=100000,top=100000"], "over inpaint.max_memory_gb=64"),
         (["--extend", "left=3"], "multiple of the VQGAN's downsampling factor 2"),
         ([], "nothing to regenerate"),
     ]

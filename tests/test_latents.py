@@ -27,7 +27,6 @@ from uvq.prior.latents import (
     write_latents,
     write_shard,
 )
-from uvq.registry import registry
 from uvq.runtime import UserError
 
 
@@ -151,10 +150,9 @@ def test_stream_epochs_ranks_and_exact_resume(tmp_path):
     assert expected[0].shape == (8, 4)
 
 
-def test_stream_is_registered_and_evaluation_is_ordered(tmp_path):
+def test_evaluation_pass_is_ordered(tmp_path):
     write_latents(tmp_path, {"train": _grids(9, "t"), "val": _grids(5, "v")}, codebook_size=64, shard_size=4)
-    assert "latents.v1" in registry.names("streams")
-    batches = list(registry.get("streams", "latents.v1")(tmp_path, split="val", batch_size=2, train=False))
+    batches = list(latents_stream(tmp_path, split="val", batch_size=2, train=False))
     assert [k for b in batches for k in b["key"]] == [f"v.{i:04d}" for i in range(5)]
     shares = [list(latents_stream(tmp_path, split="train", batch_size=9, rank=r, world_size=2, train=False))
               for r in (0, 1)]

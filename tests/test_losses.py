@@ -22,7 +22,9 @@ from uvq.vqgan.losses import (
     CodebookLoss,
     ReconstructionLoss,
     adaptive_weight,
+    build_hinge,
     build_l1_lpips,
+    build_vq_codebook,
     codebook_loss,
     disc_factor,
     hinge_d_loss,
@@ -152,7 +154,7 @@ def test_beta_placement_by_hand(placement):
 def test_codebook_loss_object_and_bad_placement():
     qinfo = {"codebook_loss": torch.tensor(2.0), "commit_loss": torch.tensor(3.0)}
     assert CodebookLoss(0.25, "legacy", weight=2.0)(qinfo).item() == pytest.approx(2 * (3.0 + 0.5))
-    assert registry.get("losses", "vq_codebook.v1")(VQGANTrainConfig(beta_placement="paper"))(qinfo).item() == pytest.approx(2.75)
+    assert build_vq_codebook(VQGANTrainConfig(beta_placement="paper"))(qinfo).item() == pytest.approx(2.75)
     with pytest.raises(ValueError):
         codebook_loss(qinfo, placement="other")
 
@@ -167,7 +169,7 @@ def test_hinge_losses_by_hand():
     fake = torch.tensor([-2.0, 0.0, 1.5, 3.0])  # relu(1 + f) = 0, 1, 2.5, 4
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 7.5 / 4))
     assert hinge_g_loss(fake).item() == pytest.approx(-2.5 / 4)
-    gan = registry.get("losses", "hinge.v1")(VQGANTrainConfig())
+    gan = build_hinge(VQGANTrainConfig())
     assert gan.d_loss(real, fake).item() == pytest.approx(hinge_d_loss(real, fake).item())
 
 

@@ -11,13 +11,11 @@ import math
 import pytest
 import torch
 
-from uvq.config import SampleConfig
 from uvq.interop.reference import authors_loop, reference_from
 from uvq.prior.model import AbsorbingTransformer
 from uvq.registry import registry
 from uvq.runtime import UserError
 from uvq.sampling.chain import (
-    DEFAULT_SAMPLER,
     SampleRNG,
     absorbing_chain,
     categorical,
@@ -238,11 +236,6 @@ def test_top_k_and_top_p_filters_against_brute_force():
 SAMPLERS = ["absorbing.v1", "absorbing_top_k.v1", "absorbing_top_p.v1", "maskgit_cosine.v1"]
 
 
-def test_samplers_are_registered_and_the_paper_is_the_default():
-    assert set(SAMPLERS) <= set(registry.names("samplers"))
-    assert DEFAULT_SAMPLER == "absorbing.v1" == SampleConfig().sampler
-
-
 @pytest.mark.parametrize("name", sorted(set(SAMPLERS) | set(registry.names("samplers"))))
 @pytest.mark.parametrize("steps,t_start", [(N, None), (5, None), (1, None), (10, 6)])
 def test_sampler_contract(prior, name, steps, t_start):
@@ -453,10 +446,20 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "sample-000000.png").write_bytes(b"")
     bad = [
-        (["--steps", "0"], "--steps"),
+        (["--steps", "0"], "sample.steps must be >= 1"),
         (["--steps", "65"], "between 1 and N=64"),
-        (["--temp", "0"], "--temp must be > 0"),
-        (["--sampler", "nope.v1"], "unknown samplers name"),
+        (["--temp", "0"], "sample.temp must be between 0.001 and 1000"),
+        (["--temp", "1e-45"], "sample.temp must be between 0.001 and 1000"),
+        (["--temp", "inf"], "sample.temp must be between 0.001 and 1000"),
+        (["--top-k", "0"], "sample.options.top_k must be an integer >= 1"),
+        (["--top-p", "0"], "sample.options.top_p must be a number in (0, 1]"),
+        (["--top-p", "1.5"], "sample.options.top_p must be a number in (0, 1]"),
+        (["--batch-size", "0"], "sample.batch_size must be >= 1"),
+        (["--sampler", "nope.v1"], "sample.sampler: unknown samplers name"),
+        (["sample.options.choice_temp=2"], "sample.options.choice_temp is not an option of the sampler absorbing.v1; "
+                                           "its options: order, top_k, top_p"),
+        (["sample.options.temp=2"], "sample.options.temp is not a sampler option: sample.temp sets it"),
+        (["train.lr=1"], "this command takes sample.KEY=VALUE overrides"),
         (["--prior", str(tmp_path / "missing")], "does not exist"),
         (["--out", str(tmp_path / "used")], "not made by uvq"),
     ]
@@ -491,3 +494,26 @@ def test_benchmark_runs_and_reports_ratios():
     assert row["steps"] == 4 and row["batch"] == 2 and 0 < row["passes_per_image"] <= 4
     assert row["tokens_images_per_s"] > 0 and row["ratio"] > 0 and row["reference"]["fp32"]["steps_timed"] == 2
     assert "demo" in format_table(result)
+
+
+def test_sample_cli_overrides_and_shortcuts_reach_the_sampler(tmp_path, capsys):
+    import json
+
+    make_checkpoints(tmp_path / "run")
+    code, out, err = _uvq_in_process(["sample", "sample.sampler=maskgit_cosine.v1", "sample.options.choice_temp=2",
+                                      "--top-k", "3", "--n", "3", "--codes", "--run", str(tmp_path / "run"),
+                                      "--out", str(tmp_path / "s"), "--device", "cpu", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["sampler"] == "maskgit_cosine.v1" and summary["sampler_options"] == {"choice_temp": 2, "top_k": 3}
+    assert summary["n"] == 3 and summary["steps"] == 8  # the rest from the prior's own sample section
+    assert "sample: sampler=maskgit_cosine.v1" in err
+    from uvq.checkpoint import load_model
+    from uvq.prior.latents import read_manifest, read_shard
+
+    net, _ = load_model(tmp_path / "run" / "prior", "prior")
+    tokens = sample_tokens(net, 3, steps=8, temp=0.9, seed=0, batch_size=4, sampler="maskgit_cosine.v1",
+                           options={"choice_temp": 2, "top_k": 3})
+    codes_dir = tmp_path / "s" / "codes"
+    codes = dict(read_shard(codes_dir / read_manifest(codes_dir)["shards"][0]["name"]))
+    assert torch.equal(torch.from_numpy(codes["sample-000002"].astype("int64")).flatten(), tokens[2])

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from uvq.registry import resolve_config
 from uvq.runtime import UserError
 
 # The packaged recipes are package data (uvq/recipes/*.yaml), read through importlib.resources so
@@ -251,7 +252,7 @@ class PriorTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    loss: str = "reweighted_elbo.v1"  # registry name in "losses"
+    loss: str = "reweighted_elbo.v1"  # registry name in "prior_losses"
     masking: Literal["random", "fixed"] = "random"
     time_sampling: Literal["uniform", "importance"] = "uniform"
     T: int | None = None  # diffusion steps; None: the number of tokens N (256 in the paper)
@@ -294,26 +295,114 @@ class EncodeConfig:
         _range(f"{path}.shard_size", self.shard_size, 1)
 
 
+# Temperatures outside this range make logits / temp overflow or lose every difference in float32
+# for ordinary logits; the paper uses 0.8-0.9 (docs/method.md section 3).
+TEMP_MIN, TEMP_MAX = 1e-3, 1e3
+
+
+def _check_temp(temp: float, path: str) -> None:
+    _check(math.isfinite(temp) and TEMP_MIN <= temp <= TEMP_MAX,
+           f"{path} must be between {TEMP_MIN:g} and {TEMP_MAX:g} (got {temp!r}): logits / temp must stay "
+           "finite and distinct in float32")
+
+
+def _check_windows(spec: str, path: str) -> None:
+    m = re.fullmatch(r"random:(\d+)", spec.strip())
+    _check(spec == "all" or (m is not None and int(m.group(1)) >= 1),
+           f"{path} {spec!r} is not 'all' or 'random:M' with M >= 1 (for example random:16)")
+
+
+def _check_hw(value: list[int] | None, path: str) -> None:
+    _check(value is None or (len(value) == 2 and all(v >= 1 for v in value)),
+           f"{path} must be [height, width], two positive integers (got {value})")
+
+
 @dataclass
 class SampleConfig:
-    """`sample` (method section 3)."""
+    """`uvq sample` (method section 3). `options` go to the sampler, bound against its signature
+    when the recipe loads (uvq.registry.resolve_sampler)."""
 
-    sampler: str = "absorbing.v1"
+    sampler: str = "absorbing.v1"  # registry name in "samplers"
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {top_k: 50}; see docs/sampling.md
     steps: int | None = None  # None: N (the full chain)
     temp: float = 0.9
     n: int = 64
     batch_size: int = 64
-    top_k: int | None = None
-    top_p: float | None = None
     grid: bool = True
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compile: bool = False  # torch.compile the prior
+    cuda_graphs: bool = False  # CUDA graphs through torch.compile's reduce-overhead mode
 
     def validate(self, path: str) -> None:
         _check(self.steps is None or self.steps >= 1, f"{path}.steps must be >= 1")
-        _check(self.temp > 0, f"{path}.temp must be > 0 (got {self.temp})")
+        _check_temp(self.temp, f"{path}.temp")
+        _check(self.n >= 1, f"{path}.n must be >= 1 (got {self.n})")
+        _check(self.batch_size >= 1, f"{path}.batch_size must be >= 1 (got {self.batch_size})")
+
+
+@dataclass
+class CanvasConfig:
+    """`uvq upscale-canvas` (method section 4, Eq. 8): canvases larger than the training window."""
+
+    sampler: str = "absorbing.v1"  # registry name in "samplers"
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: raster}, the authors' order
+    size: list[int] | None = None  # [H, W] pixels, multiples of the VQGAN's downsampling (or latent_size)
+    latent_size: list[int] | None = None  # [h, w] latents
+    n: int = 4
+    steps: int | None = None  # None: the prior's N window tokens (order raster: the canvas's tokens)
+    temp: float = 0.8  # the authors' canvas setting
+    stride: int = 1  # between windows, 1 .. the window size
+    windows: str = "all"  # or "random:M": M windows per step plus covering ones
+    wrap: bool = False  # windows wrap around the edges: the result tiles
+    batch_size: int = 4  # canvases sampled together
+    batch_windows: int = 256  # most windows per forward pass
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_memory_gb: float = 64.0  # refuse a canvas whose window mixture is estimated to need more
+
+    def validate(self, path: str) -> None:
+        _check(self.size is None or self.latent_size is None,
+               f"give {path}.size (pixels) or {path}.latent_size (latents), not both")
+        _check_hw(self.size, f"{path}.size")
+        _check_hw(self.latent_size, f"{path}.latent_size")
         _check(self.n >= 1 and self.batch_size >= 1, f"{path}.n and {path}.batch_size must be >= 1")
-        _check(self.top_k is None or self.top_k >= 1, f"{path}.top_k must be >= 1")
-        _check(self.top_p is None or 0 < self.top_p <= 1, f"{path}.top_p must be in (0, 1]")
+        _check(self.steps is None or self.steps >= 1, f"{path}.steps must be >= 1")
+        _check_temp(self.temp, f"{path}.temp")
+        _check(self.stride >= 1, f"{path}.stride must be >= 1 (got {self.stride})")
+        _check_windows(self.windows, f"{path}.windows")
+        _check(self.batch_windows >= 1, f"{path}.batch_windows must be >= 1 (got {self.batch_windows})")
+        _check(math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0, f"{path}.max_memory_gb must be positive")
+
+
+@dataclass
+class InpaintConfig:
+    """`uvq inpaint` (method section 5): regenerate regions, or grow the image (outpainting)."""
+
+    sampler: str = "absorbing.v1"  # registry name in "samplers"
+    options: dict[str, Any] = field(default_factory=dict)
+    n: int = 8  # completions per input
+    steps: int | None = None  # step budget T of a full chain (None: the grid's N tokens)
+    temp: float = 0.9
+    dilate: int = 0  # grow the latent mask by k latents
+    composite: bool = False  # paste the generated region into the original pixels
+    feather: int = 0  # with composite: blend the edge over this many pixels
+    stride: int = 1  # window stride when the grid is larger than the window
+    windows: str = "all"
+    batch_windows: int = 256
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_memory_gb: float = 64.0  # refuse a grid whose window mixture is estimated to need more
+
+    def validate(self, path: str) -> None:
+        _check(self.n >= 1, f"{path}.n must be >= 1 (got {self.n})")
+        _check(self.steps is None or self.steps >= 1, f"{path}.steps must be >= 1")
+        _check_temp(self.temp, f"{path}.temp")
+        _check(self.dilate >= 0, f"{path}.dilate must be >= 0 (got {self.dilate})")
+        _check(self.feather >= 0, f"{path}.feather must be >= 0 pixels (got {self.feather})")
+        _check(not self.feather or self.composite,
+               f"{path}.feather blends the pasted edge, so it needs {path}.composite (--composite)")
+        _check(self.stride >= 1, f"{path}.stride must be >= 1 (got {self.stride})")
+        _check_windows(self.windows, f"{path}.windows")
+        _check(self.batch_windows >= 1, f"{path}.batch_windows must be >= 1 (got {self.batch_windows})")
+        _check(math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0, f"{path}.max_memory_gb must be positive")
 
 
 @dataclass
@@ -358,6 +447,8 @@ class Config:
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -468,6 +559,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path} must be one of {list(args)}, got {_short(value)}{hint}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path} must be a mapping of names to values, got {value!r}")
+        return {k: _coerce(v, args[1] if args else Any, f"{path}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {_short(value)}")
@@ -811,7 +906,7 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str
         data = loaded or {}
     data = apply_overrides(data, overrides)
     _refuse_legacy(data, where)
-    return config_from_dict(data)
+    return resolve_config(config_from_dict(data))
 
 
 def to_yaml(cfg: Config) -> str:

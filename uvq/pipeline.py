@@ -149,14 +149,14 @@ def _run_prior(ctx: StageContext) -> dict[str, Any]:
 
 def _run_samples(ctx: StageContext) -> dict[str, Any]:
     from uvq.checkpoint import resolve_checkpoint
-    from uvq.sampling.chain import sampler_options
     from uvq.sampling.outputs import write_samples
 
     sc = ctx.cfg.sample
     return write_samples(ctx.run / "prior", ctx.run / "samples", vqgan=resolve_checkpoint(ctx.run / "vqgan"), n=sc.n,
                          steps=sc.steps, temp=sc.temp, seed=ctx.cfg.run.seed, batch_size=sc.batch_size,
-                         sampler=sc.sampler, options=sampler_options(top_k=sc.top_k, top_p=sc.top_p), grid=sc.grid,
-                         device=ctx.device, precision=sc.precision, overwrite=True, progress=ctx.progress)
+                         sampler=sc.sampler, options=sc.options, grid=sc.grid, device=ctx.device,
+                         precision=sc.precision, compile=sc.compile, cuda_graphs=sc.cuda_graphs, overwrite=True,
+                         progress=ctx.progress)
 
 
 def _run_eval(ctx: StageContext) -> dict[str, Any]:

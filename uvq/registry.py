@@ -4,6 +4,10 @@ Components register with a decorator under a category and a versioned name such 
 `vqgan_encoder.v1`. A name's meaning never changes: a changed component gets a new version.
 Third-party packages add components through the entry-point group `uvq.plugins`; each entry
 point names a module (or a callable) that registers on import.
+
+Each category holds entries of one call signature, stated in CATEGORIES below, so that one
+contract test per category (tests/test_registry.py) builds and runs every entry, and a
+recipe's names are resolved when it loads (`resolve_config`, called by uvq.config.load_config).
 """
 
 from __future__ import annotations
@@ -18,32 +22,39 @@ from importlib import metadata
 
 from uvq.runtime import UserError
 
-CATEGORIES = (
-    "encoders",
-    "decoders",
-    "quantizers",
-    "discriminators",
-    "losses",
-    "priors",
-    "samplers",
-    "feature_extractors",
-    "streams",
-)
+# category -> the one signature its entries have (what `uvq ls` lists and the contract tests check).
+CATEGORIES: dict[str, str] = {
+    "encoders": "build(cfg: VQGANConfig) -> nn.Module; images [B, C, H, W] in [-1, 1] -> z [B, D, h, w] "
+                "(model.vqgan.encoder)",
+    "decoders": "build(cfg: VQGANConfig) -> nn.Module; z_q [B, D, h, w] -> images [B, C, H, W] (model.vqgan.decoder)",
+    "quantizers": "build(cfg: VQGANConfig) -> nn.Module; z [B, D, h, w] -> (z_q, info with codes [B, h, w]) "
+                  "(model.vqgan.quantizer)",
+    "discriminators": "build(cfg: DiscriminatorConfig, in_channels: int = 3) -> nn.Module; images [B, C, H, W] -> "
+                      "patch logits [B, 1, h', w'] (model.discriminator.name)",
+    "prior_losses": "loss(ce: [B], n_masked: [B], t: [B], T: int, N: int) -> [B]; the per-image training loss "
+                    "of the absorbing prior from its masked cross-entropy in nats (prior_train.loss)",
+    "priors": "build(cfg: PriorConfig) -> nn.Module; tokens [B, N] (mask id = K) -> logits [B, N, K] "
+              "(model.prior.name)",
+    "samplers": "sampler(x [B, N], predict, *, mask_id, steps, temp, rng, t_start=None, **options) -> "
+                "Iterator[ChainStep]; reveals every mask id of x (sample.sampler, sample.options)",
+    "feature_extractors": "build(cfg: EvalConfig, device='cpu') -> extractor; uint8 images [B, 3, H, W] -> "
+                          "float features [B, F] (eval.feature_extractor)",
+    "streams": "build(cfg: DataConfig) -> image source (keys, load or a stream of images) (data.stream)",
+}
 ENTRY_POINT_GROUP = "uvq.plugins"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*(\.[a-z0-9_\-]+)*\.v\d+$")
 
-# Modules of uvq itself that register components when imported.
+# Modules of uvq itself that register components when imported; tests/test_registry.py proves the
+# list complete by scanning uvq/ for `@register(`.
 BUILTIN_MODULES = (
     "uvq.data.sources",
     "uvq.data.streams",
     "uvq.vqgan.model",
-    "uvq.vqgan.losses",
     "uvq.vqgan.discriminator",
     "uvq.prior.model",
     "uvq.prior.absorbing",
     "uvq.sampling.chain",
     "uvq.evaluation.features",
-    "uvq.prior.latents",
 )
 
 
@@ -142,6 +153,50 @@ registry = Registry()
 register = registry.register
 
 
-def load_builtin() -> Registry:
-    registry.load()
-    return registry
+# Where a recipe names registry entries: (key path, category). `data.stream` may also be "auto".
+CONFIG_NAMES = (
+    ("data.stream", "streams"),
+    ("model.vqgan.encoder", "encoders"),
+    ("model.vqgan.decoder", "decoders"),
+    ("model.vqgan.quantizer", "quantizers"),
+    ("model.discriminator.name", "discriminators"),
+    ("model.prior.name", "priors"),
+    ("prior_train.loss", "prior_losses"),
+    ("eval.feature_extractor", "feature_extractors"),
+)
+# Sections that name a sampler and its options (sample.sampler, sample.options, ...).
+SAMPLER_SECTIONS = ("sample", "canvas", "inpaint")
+
+
+def _lookup(cfg, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_name(category: str, name: str, path: str) -> Callable:
+    """The entry `name` of `category`, or a UserError naming the recipe key and the valid names."""
+    try:
+        return registry.get(category, name)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def resolve_config(cfg):
+    """Resolve every registry name of a Config (and bind each sampler section's options), so that a
+    recipe naming an unknown or wrong-category entry fails when it loads, with the valid names.
+
+    Needs the registering modules (they import torch): called at the end of uvq.config.load_config.
+    """
+    for path, category in CONFIG_NAMES:
+        name = _lookup(cfg, path)
+        if path == "data.stream" and name == "auto":
+            continue
+        resolve_name(category, name, path)
+    from uvq.sampling.chain import bind_sampler  # registers the samplers; imports torch
+
+    for section in SAMPLER_SECTIONS:
+        if hasattr(cfg, section):
+            bind_sampler(getattr(cfg, section).sampler, getattr(cfg, section).options, section)
+    return cfg

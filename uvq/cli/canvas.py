@@ -1,8 +1,10 @@
 """`uvq upscale-canvas`: images larger than the training size (Eq. 8). A thin wrapper over
-uvq.sampling.canvas.upscale_canvas."""
+uvq.sampling.canvas.upscale_canvas;
+its settings are the `canvas` section (flags are shortcuts, `canvas.key=value` overrides the rest)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -25,50 +27,49 @@ from uvq.cli.common import (
 def register(app: typer.Typer) -> None:
     @app.command("upscale-canvas")
     def upscale_canvas_cmd(
+        overrides: list[str] = typer.Argument(None, help="canvas.key=value overrides, e.g. canvas.batch_windows=64."),
         prior: str = PriorOpt,
         run: Path = PriorRunOpt,
         recipe: str = PriorRecipeOpt,
         vqgan: str = VqganOpt,
-        size: str = typer.Option(None, "--size", help="Canvas in pixels, HxW (multiples of the VQGAN's downsampling)."),
-        latent_size: str = typer.Option(None, "--latent-size", help="Canvas in latents, hxw."),
-        n: int = typer.Option(4, "--n", help="Number of canvases."),
-        steps: int = typer.Option(None, "--steps", help="Step budget (default: the prior's N tokens; with "
-                                  "--order raster, one step per canvas token)."),
-        temp: float = typer.Option(0.8, "--temp", help="Temperature applied to the window mixture."),
-        stride: int = typer.Option(1, "--stride", help="Stride between windows, 1..window size (edges always covered)."),
-        windows: str = typer.Option("all", "--windows", help="all, or random:M (M windows per step, plus covering ones)."),
-        wrap: bool = typer.Option(False, "--wrap", help="Windows wrap around the edges: the result tiles seamlessly."),
-        order: str = typer.Option("random", "--order", help="random (the method, step budget) or raster "
+        size: str = typer.Option(None, "--size", help="canvas.size: HxW pixels (multiples of the VQGAN's downsampling)."),
+        latent_size: str = typer.Option(None, "--latent-size", help="canvas.latent_size: hxw latents."),
+        n: int = typer.Option(None, "--n", help="canvas.n: number of canvases."),
+        steps: int = typer.Option(None, "--steps", help="canvas.steps: step budget (unset: the prior's N tokens; "
+                                  "with --order raster, one step per canvas token)."),
+        temp: float = typer.Option(None, "--temp", help="canvas.temp: temperature applied to the window mixture."),
+        stride: int = typer.Option(None, "--stride", help="canvas.stride: between windows, 1..window size."),
+        windows: str = typer.Option(None, "--windows", help="canvas.windows: all, or random:M (M windows per step)."),
+        wrap: bool = typer.Option(False, "--wrap", metavar="", help="canvas.wrap: windows wrap around the edges (a tile)."),
+        order: str = typer.Option(None, "--order", help="canvas.options.order: random (the method) or raster "
                                   "(one token per step, the authors' code)."),
-        batch_size: int = typer.Option(4, "--batch-size", help="Canvases sampled together."),
-        batch_windows: int = typer.Option(256, "--batch-windows", help="Most windows per forward pass (memory)."),
+        batch_size: int = typer.Option(None, "--batch-size", help="canvas.batch_size: canvases sampled together."),
         seed: int = typer.Option(0, "--seed", help="Seed; canvas i depends only on (seed, i)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
         weights: str = typer.Option("default", "--weights", help="Prior weights: default, ema or model."),
-        precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32 on CUDA (the CPU runs fp32)."),
         device: str = DeviceOpt,
         overwrite: bool = OverwriteOpt,
         json_flag: bool = JsonOpt,
         debug: bool = DebugOpt,
     ) -> None:
         """Sample canvases larger than the training window by averaging the prior over windows (Eq. 8)."""
-        from uvq.checkpoint import find_prior
-        from uvq.runtime import UserError
+        from uvq.checkpoint import find_prior, read_meta
+        from uvq.cli.sample import describe, generation_section
         from uvq.sampling.canvas import parse_hw, upscale_canvas
 
         apply_local(json_flag, debug)
-        if precision not in ("bf16", "fp16", "fp32"):
-            raise UserError(f"--precision must be bf16, fp16 or fp32, not {precision!r}")
         rep = reporter()
         ckpt, where = find_prior(prior, run=run, recipe=recipe)
+        cfg = generation_section("canvas", read_meta(ckpt), list(overrides or []), {
+            "size": list(parse_hw(size, "--size")) if size else None,
+            "latent_size": list(parse_hw(latent_size, "--latent-size")) if latent_size else None,
+            "n": n, "steps": steps, "temp": temp, "stride": stride, "windows": windows, "wrap": wrap or None,
+            "options.order": order, "batch_size": batch_size})
         rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
+        rep({"event": "log", "message": describe("canvas", cfg)})
         try:
-            summary = upscale_canvas(
-                ckpt, out, vqgan=vqgan, size=parse_hw(size, "--size") if size else None,
-                latent_size=parse_hw(latent_size, "--latent-size") if latent_size else None, n=n, steps=steps,
-                temp=temp, seed=seed, stride=stride, windows=windows, wrap=wrap, order=order, batch_size=batch_size,
-                batch_windows=batch_windows, weights=weights, device=device, precision=precision,
-                overwrite=overwrite, progress=rep)
+            summary = upscale_canvas(ckpt, out, vqgan=vqgan, seed=seed, weights=weights, device=device,
+                                     overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
         finally:
             rep.close()
         c, t = summary["canvas"], summary["timing"]

@@ -1,8 +1,15 @@
-"""`uvq sample`: images from a trained prior. A thin wrapper over uvq.sampling.outputs.write_samples."""
+"""`uvq sample`: images from a trained prior. A thin wrapper over uvq.sampling.outputs.write_samples.
+
+The settings are the `sample` section of the prior's own recipe (embedded in its checkpoint), with
+`sample.key=value` overrides; the flags are shortcuts onto the same fields. `generation_section`
+does that for `upscale-canvas` (`canvas`) and `inpaint` (`inpaint`) too.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,29 +27,73 @@ from uvq.cli.common import (
     reporter,
 )
 
+# Options that the sample section of recipes older than `sample.options` held at its top level.
+_MOVED_TO_OPTIONS = ("top_k", "top_p")
+
+
+def generation_section(section: str, meta: dict[str, Any], overrides: list[str], shortcuts: dict[str, Any]):
+    """The `section` (sample, canvas or inpaint) for a prior checkpoint's `meta`: its recipe's section,
+    then the flags given (`shortcuts`: field -> value; "options.KEY" sets a sampler option), then the
+    `section.key=value` overrides; validated, with its sampler's options bound (one UserError)."""
+    from uvq.config import (
+        CanvasConfig,
+        ConfigError,
+        InpaintConfig,
+        SampleConfig,
+        apply_overrides,
+        section_from_dict,
+    )
+    from uvq.sampling.chain import bind_sampler
+
+    cls = {"sample": SampleConfig, "canvas": CanvasConfig, "inpaint": InpaintConfig}[section]
+    embedded = dict((meta.get("config") or {}).get(section) or {})
+    options = dict(embedded.pop("options", None) or {})
+    for key in _MOVED_TO_OPTIONS if section == "sample" else ():
+        value = embedded.pop(key, None)
+        if value is not None:
+            options.setdefault(key, value)
+    for key, value in shortcuts.items():
+        if value is None:
+            continue
+        if key.startswith("options."):
+            options[key.split(".", 1)[1]] = value
+        else:
+            embedded[key] = value
+    data = {section: {**embedded, "options": options}}
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(f"{section}."):
+            raise ConfigError(f"override {item!r}: this command takes {section}.KEY=VALUE overrides "
+                              f"(the model comes from the checkpoint); for example {section}.temp=0.8")
+    data = apply_overrides(data, overrides)
+    cfg = section_from_dict(cls, data[section], section)
+    bind_sampler(cfg.sampler, cfg.options, section)
+    return cfg
+
+
+def describe(section: str, cfg: Any) -> str:
+    """One log line with the resolved section (what the command will run with)."""
+    return f"{section}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
+
 
 def register(app: typer.Typer) -> None:
     @app.command("sample")
     def sample_cmd(
+        overrides: list[str] = typer.Argument(None, help="sample.key=value overrides, e.g. sample.options.top_k=50."),
         prior: str = PriorOpt,
         run: Path = PriorRunOpt,
         recipe: str = PriorRecipeOpt,
         vqgan: str = VqganOpt,
-        n: int = typer.Option(None, "--n", help="Number of samples (default: the recipe's sample.n)."),
-        steps: int = typer.Option(None, "--steps", help="Sampling steps S, 1..N (default: the recipe's sample.steps, else N)."),
-        temp: float = typer.Option(None, "--temp", help="Temperature of softmax(logits / temp) (default: sample.temp)."),
+        n: int = typer.Option(None, "--n", help="sample.n: number of samples."),
+        steps: int = typer.Option(None, "--steps", help="sample.steps: sampling steps S, 1..N (unset: N)."),
+        temp: float = typer.Option(None, "--temp", help="sample.temp: temperature of softmax(logits / temp)."),
+        batch_size: int = typer.Option(None, "--batch-size", help="sample.batch_size: samples per batch."),
+        sampler: str = typer.Option(None, "--sampler", help="sample.sampler: a registered sampler (`uvq ls samplers`)."),
+        top_k: int = typer.Option(None, "--top-k", help="sample.options.top_k: values from the k most likely codes."),
+        top_p: float = typer.Option(None, "--top-p", help="sample.options.top_p: values from the nucleus of mass p."),
         out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: samples/<run name>)."),
-        batch_size: int = typer.Option(None, "--batch-size", help="Samples per batch (default: sample.batch_size)."),
-        sampler: str = typer.Option(None, "--sampler", help="Registered sampler (default: absorbing.v1, the paper's)."),
-        top_k: int = typer.Option(None, "--top-k", help="Draw values from the k most likely codes only."),
-        top_p: float = typer.Option(None, "--top-p", help="Draw values from the nucleus of mass p only."),
         seed: int = typer.Option(0, "--seed", help="Seed; sample i depends only on (seed, i), not on the batch size."),
-        grid: bool = typer.Option(None, "--grid/--no-grid", help="Also write grid.png (default: sample.grid)."),
-        codes: bool = typer.Option(False, "--codes", help="Also write the token grids as latent shards (codes/)."),
+        codes: bool = typer.Option(False, "--codes", metavar="", help="Also write the token grids as latent shards (codes/)."),
         weights: str = typer.Option("default", "--weights", help="Prior weights: default, ema or model."),
-        precision: str = typer.Option(None, "--precision", help="bf16, fp16 or fp32 on CUDA (the CPU runs fp32)."),
-        compile_: bool = typer.Option(False, "--compile", help="torch.compile the prior (pays a compile time)."),
-        cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="CUDA graphs via torch.compile reduce-overhead."),
         device: str = DeviceOpt,
         overwrite: bool = OverwriteOpt,
         json_flag: bool = JsonOpt,
@@ -50,40 +101,29 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample images with the paper's sampler (random order, 1/t reveals, exact reuse of passes)."""
         from uvq.checkpoint import find_prior, find_vqgan, read_meta
-        from uvq.config import SampleConfig, section_from_dict
         from uvq.runtime import UserError
-        from uvq.sampling.chain import sampler_options
         from uvq.sampling.outputs import write_samples
 
         apply_local(json_flag, debug)
-        if precision is not None and precision not in ("bf16", "fp16", "fp32"):
-            raise UserError(f"--precision must be bf16, fp16 or fp32, not {precision!r}")
         if weights not in ("default", "ema", "model"):
             raise UserError(f"--weights must be default, ema or model, not {weights!r}")
         rep = reporter()
         ckpt, where = find_prior(prior, run=run, recipe=recipe)
         meta = read_meta(ckpt)
+        cfg = generation_section("sample", meta, list(overrides or []), {
+            "n": n, "steps": steps, "temp": temp, "batch_size": batch_size, "sampler": sampler,
+            "options.top_k": top_k, "options.top_p": top_p})
         rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
-        # The prior's own recipe supplies what the command line leaves out (its sample section).
-        recipe_sample = (meta.get("config") or {}).get("sample") or {}
-        cfg = section_from_dict(SampleConfig, recipe_sample, "sample") if recipe_sample else SampleConfig()
         vq_path, _, vq_where = find_vqgan(meta, vqgan)
         rep({"event": "log", "message": f"vqgan: {vq_path} (from {vq_where})"})
+        rep({"event": "log", "message": describe("sample", cfg)})
         if out is None:
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
             run_name = run_dir.parent.name if run_dir.name == "prior" else run_dir.name
             out = Path("samples") / run_name
         try:
-            summary = write_samples(
-                ckpt, out, vqgan=vq_path, n=n if n is not None else cfg.n, steps=steps if steps is not None else cfg.steps,
-                temp=temp if temp is not None else cfg.temp, seed=seed,
-                batch_size=batch_size if batch_size is not None else cfg.batch_size,
-                sampler=sampler or cfg.sampler,
-                options=sampler_options(top_k=top_k if top_k is not None else cfg.top_k,
-                                        top_p=top_p if top_p is not None else cfg.top_p),
-                grid=cfg.grid if grid is None else grid, codes=codes, weights=weights, device=device,
-                precision=precision or cfg.precision, compile=compile_, cuda_graphs=cuda_graphs,
-                overwrite=overwrite, progress=rep)
+            summary = write_samples(ckpt, out, vqgan=vq_path, seed=seed, codes=codes, weights=weights, device=device,
+                                    overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
         finally:
             rep.close()
         timing = summary["timing"]

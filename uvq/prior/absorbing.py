@@ -78,7 +78,7 @@ def start_time_for_masked(n_masked: int, n_tokens: int, T: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-@register("losses", "elbo.v1")
+@register("prior_losses", "elbo.v1")
 def elbo_loss(ce: torch.Tensor, n_masked: torch.Tensor, t: torch.Tensor, T: int, N: int) -> torch.Tensor:
     """Eq. 6, one-sample estimate: T/t * CE(t), in bits per token (/ N ln 2)."""
     return (T / t.to(ce.dtype)) * ce / (N * LN2)
@@ -89,20 +89,20 @@ def reweighted_elbo_scale(T: int) -> float:
     return (T + 1) * (T + 2) / (6.0 * T)
 
 
-@register("losses", "reweighted_elbo.v1")
+@register("prior_losses", "reweighted_elbo.v1")
 def reweighted_elbo_loss(ce: torch.Tensor, n_masked: torch.Tensor, t: torch.Tensor, T: int, N: int) -> torch.Tensor:
     """Eq. 7 as the paper writes it: (T - t + 1) * CE(t), divided by N ln 2 and by Z(T)."""
     weight = (T - t.to(ce.dtype) + 1.0) / reweighted_elbo_scale(T)
     return weight * ce / (N * LN2)
 
 
-@register("losses", "reweighted_elbo_official.v1")
+@register("prior_losses", "reweighted_elbo_official.v1")
 def reweighted_elbo_official_loss(ce: torch.Tensor, n_masked: torch.Tensor, t: torch.Tensor, T: int, N: int) -> torch.Tensor:
     """The authors' code ('new' loss): (1 - t/T) * CE(t) / (N ln 2), their scale unchanged (0 at t = T)."""
     return (1.0 - t.to(ce.dtype) / T) * ce / (N * LN2)
 
 
-@register("losses", "mlm.v1")
+@register("prior_losses", "mlm.v1")
 def mlm_loss(ce: torch.Tensor, n_masked: torch.Tensor, t: torch.Tensor, T: int, N: int) -> torch.Tensor:
     """The MLM ablation: CE averaged over the masked tokens, in bits per masked token (0 if none)."""
     return ce / (n_masked.to(ce.dtype).clamp(min=1.0) * LN2)
@@ -213,7 +213,7 @@ class AbsorbingDiffusion:
                    loss-by-time-step plot; weight: [B] the importance weights 1/(T p(t)).
         Updates the per-t trackers (importance sampling and the plot's history).
         """
-        loss_fn = registry.get("losses", loss_name)
+        loss_fn = registry.get("prior_losses", loss_name)
         B, N = x0.shape
         if N != self.n_tokens:
             raise UserError(f"token grids have {N} tokens but the process was built for {self.n_tokens}; "

@@ -38,7 +38,6 @@ from uvq import __version__
 from uvq.data.sources import unsafe_member
 from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, sha256_file
 from uvq.progress import ProgressFn, null_progress
-from uvq.registry import register
 from uvq.runtime import UserError, barrier, dist_info
 
 FORMAT = "uvq-latents"
@@ -629,12 +628,11 @@ def iterate_latents(manifest: dict[str, Any], split: str = "val", *, batch_size:
         yield {"key": pending_keys, "codes": torch.from_numpy(np.stack(pending))}
 
 
-@register("streams", "latents.v1")
 def latents_stream(latents, *, split: str = "train", batch_size: int = 20, seed: int = 0, rank: int = 0,
                    world_size: int = 1, train: bool = True, flatten: bool = False):
     """A latents directory (a path, its manifest, or a DataConfig whose source is the directory) as
     batches: a `LatentStream` for training (train=True), or the ordered pass of `iterate_latents`."""
-    if hasattr(latents, "source"):  # a DataConfig with stream: latents.v1
+    if hasattr(latents, "source"):  # a DataConfig whose source is the latents directory
         latents = latents.source
     manifest = latents if isinstance(latents, dict) else read_manifest(latents)
     if split not in SPLITS:

@@ -32,9 +32,15 @@ from typing import Any
 import torch
 
 from uvq.progress import ProgressFn, null_progress
-from uvq.registry import registry
 from uvq.runtime import UserError
-from uvq.sampling.chain import DEFAULT_SAMPLER, SampleRNG, make_predict, mix32
+from uvq.sampling.chain import (
+    DEFAULT_SAMPLER,
+    SampleRNG,
+    bind_sampler,
+    check_temp,
+    make_predict,
+    mix32,
+)
 from uvq.sampling.outputs import provenance_header
 
 Network = Callable[[torch.Tensor], torch.Tensor]
@@ -144,6 +150,31 @@ def make_windows(canvas: tuple[int, int], window: tuple[int, int], stride: int |
     index = (rows[:, :, None] * canvas[1] + cols[:, None, :]).reshape(len(offsets), -1)  # [M, h*w]
     return Windows(canvas=tuple(canvas), window=tuple(window), stride=(sh, sw), wrap=wrap, offsets=offsets,
                    index=index)
+
+
+def mixture_bytes(batch: int, canvas: tuple[int, int], window: tuple[int, int], codebook_size: int,
+                  n_windows: int, batch_windows: int) -> int:
+    """Estimated peak bytes of sampling `batch` canvases with the window mixture (an estimate from
+    the tensors WindowMixture and the chain allocate, not a measurement):
+    16 * batch * H'W' * K  (float32 [batch*H'W', K]: the sums of probabilities and of logits, the
+                            mixture and the output)
+    + 8 * min(batch_windows, batch * M) * h*w * K  (one chunk's logits and their softmax)
+    + 8 * M * h*w  (the int64 window index, M windows)."""
+    n, w = canvas[0] * canvas[1], window[0] * window[1]
+    return 16 * batch * n * codebook_size + 8 * min(batch_windows, batch * n_windows) * w * codebook_size \
+        + 8 * n_windows * w
+
+
+def check_memory(batch: int, canvas: tuple[int, int], window: tuple[int, int], codebook_size: int, *, stride: int,
+                 wrap: bool, batch_windows: int, max_gb: float, section: str) -> None:
+    """Refuse (one line, before any allocation) a grid whose mixture_bytes exceeds `max_gb`."""
+    n_windows = len(window_offsets(canvas[0], window[0], stride, wrap)) * len(window_offsets(canvas[1], window[1],
+                                                                                                stride, wrap))
+    need = mixture_bytes(batch, canvas, window, codebook_size, n_windows, batch_windows) / 1e9
+    if need > max_gb:
+        raise UserError(f"a grid of {canvas[0]}x{canvas[1]} latents x {batch} at once needs about {need:.3g} GB for "
+                        f"the window mixture (16 x batch x tokens x K bytes and more), over {section}.max_memory_gb="
+                        f"{max_gb:g}; make it smaller, lower the batch, or raise {section}.max_memory_gb")
 
 
 def parse_window_choice(spec: str | int | None) -> int | None:
@@ -296,8 +327,8 @@ class CanvasStats:
 
 
 def sample_canvas(prior: torch.nn.Module, x: torch.Tensor, *, steps: int, temp: float, seed: int,
-                  sample_ids: Sequence[int] | torch.Tensor, window: tuple[int, int] | None = None, stride: int = 1, windows: str | int | None = "all",
-                  wrap: bool = False, order: str = "random", sampler: str = DEFAULT_SAMPLER,
+                  sample_ids: Sequence[int] | torch.Tensor, window: tuple[int, int] | None = None, stride: int = 1,
+                  windows: str | int | None = "all", wrap: bool = False, sampler: str = DEFAULT_SAMPLER,
                   options: dict[str, Any] | None = None, t_start: int | None = None, batch_windows: int = 256,
                   precision: str = "bf16", progress: ProgressFn | None = None,
                   stats: CanvasStats | None = None) -> torch.Tensor:
@@ -308,7 +339,8 @@ def sample_canvas(prior: torch.nn.Module, x: torch.Tensor, *, steps: int, temp: 
     Canvas b draws from SampleRNG(seed, sample_ids[b]) exactly as sample sample_ids[b] of
     `uvq sample` does, so results do not depend on the batch size, and a canvas of the training
     size reproduces `uvq sample`. `window` is the prior's latent shape (default: its
-    `latent_shape` attribute, else square). The prior and x must be on the same device.
+    `latent_shape` attribute, else square). The prior and x must be on the same device. `sampler`
+    (a registry name) runs with `options` (e.g. {"order": "raster"}, the authors' canvas order).
     """
     progress = progress or null_progress
     stats = stats if stats is not None else CanvasStats()
@@ -320,14 +352,7 @@ def sample_canvas(prior: torch.nn.Module, x: torch.Tensor, *, steps: int, temp: 
     n_tokens = canvas[0] * canvas[1]
     if not 1 <= steps <= n_tokens:
         raise UserError(f"--steps must be between 1 and the canvas's {n_tokens} tokens (got {steps})")
-    if order not in ("random", "raster"):
-        raise UserError(f"--order must be random or raster, not {order!r}")
-    fn = registry.get("samplers", sampler)
-    options = dict(options or {})
-    if order == "raster":
-        if sampler != DEFAULT_SAMPLER:
-            raise UserError(f"--order raster is an option of the paper's sampler {DEFAULT_SAMPLER}, not {sampler}")
-        options["order"] = "raster"
+    fn, options = bind_sampler(sampler, options, "canvas")
     device = x.device
     mixture = WindowMixture(make_predict(prior, device, precision), make_windows(canvas, window, stride, wrap),
                             codebook_size=int(prior.codebook_size), mask_id=int(prior.mask_id),
@@ -418,32 +443,26 @@ def decode_canvas(vqgan: torch.nn.Module, codes: torch.Tensor, *, wrap: bool = F
     return torch.cat(images, 0)
 
 
-def seam_ratio(images: torch.Tensor) -> float:
-    """How much the wrap seam stands out: mean |first column - last column| over the mean
-    difference of neighbouring columns inside the image (about 1 for a seamless horizontal tile)."""
-    inner = (images[..., 1:] - images[..., :-1]).abs().mean()
-    seam = (images[..., 0] - images[..., -1]).abs().mean()
-    return float(seam / inner.clamp_min(1e-12))
-
-
 # ---------------------------------------------------------------------------------------------
 # `uvq upscale-canvas`: checkpoints in, PNGs and provenance out
 # ---------------------------------------------------------------------------------------------
 
 
 def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path | None = None,
-                   size: tuple[int, int] | None = None, latent_size: tuple[int, int] | None = None, n: int = 4,
+                   size: Sequence[int] | None = None, latent_size: Sequence[int] | None = None, n: int = 4,
                    steps: int | None = None, temp: float = 0.8, seed: int = 0, stride: int = 1,
-                   windows: str = "all", wrap: bool = False, order: str = "random", batch_size: int = 4,
-                   batch_windows: int = 256, weights: str = "default", device: str = "auto",
-                   precision: str = "bf16", overwrite: bool = False,
+                   windows: str = "all", wrap: bool = False, sampler: str = DEFAULT_SAMPLER,
+                   options: dict[str, Any] | None = None, batch_size: int = 4, batch_windows: int = 256,
+                   weights: str = "default", device: str = "auto", precision: str = "bf16",
+                   max_memory_gb: float = 64.0, overwrite: bool = False,
                    progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample n canvases larger than the training window from a prior checkpoint into `out_dir`.
 
-    Writes sample-000000.png ... (canvas i uses the draws of `uvq sample`'s sample i), grid.png
-    and samples.json (checkpoint hashes, canvas, windows, settings, timing). `steps` defaults to
-    the prior's window token count N (random order) or the canvas's token count (raster order,
-    one token per step as the authors).
+    The keyword arguments are the fields of the recipe's `canvas` section (uvq.config.CanvasConfig)
+    plus seed, weights, device and overwrite. Writes sample-000000.png ... (canvas i uses the draws
+    of `uvq sample`'s sample i), grid.png and samples.json (checkpoint hashes, canvas, windows,
+    settings, timing). `steps` defaults to the prior's window token count N (random order) or the
+    canvas's token count (options {"order": "raster"}, one token per step as the authors).
     """
     from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
@@ -454,23 +473,27 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
 
     progress = progress or null_progress
     t_begin = time.perf_counter()
+    check_temp(temp)
+    if n < 1 or batch_size < 1:
+        raise UserError("--n and --batch-size must be >= 1")
+    _, options = bind_sampler(sampler, options, "canvas")
+    order = options.get("order", "random")
+    random_m = parse_window_choice(windows)
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
     vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
     downsample = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan").downsample
-    canvas = canvas_latents(size=size, latent_size=latent_size, downsample=downsample, window=window)
+    canvas = canvas_latents(size=tuple(size) if size else None, latent_size=tuple(latent_size) if latent_size else None,
+                            downsample=downsample, window=window)
     n_canvas = canvas[0] * canvas[1]
     if steps is None:
         steps = n_canvas if order == "raster" else min(n_canvas, window[0] * window[1])
-    if not temp > 0:
-        raise UserError(f"--temp must be > 0 (got {temp})")
     if not 1 <= steps <= n_canvas:
         raise UserError(f"--steps must be between 1 and the canvas's {n_canvas} tokens (got {steps})")
-    geometry = make_windows(canvas, window, stride, wrap)  # validates the stride
-    random_m = parse_window_choice(windows)
-    if n < 1 or batch_size < 1:
-        raise UserError("--n and --batch-size must be >= 1")
+    check_memory(min(batch_size, n), canvas, window, int(prior_meta["model_config"]["codebook_size"]), stride=stride,
+                 wrap=wrap, batch_windows=batch_windows, max_gb=max_memory_gb, section="canvas")  # validates the stride
+    geometry = make_windows(canvas, window, stride, wrap)
     claim = claim_out_dir(out_dir, command="upscale-canvas", overwrite=overwrite,
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
                           entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
@@ -487,8 +510,8 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     for start in range(0, n, batch_size):
         tokens, batch_stats = sample_canvases(
             net, min(batch_size, n - start), canvas, steps=steps, temp=temp, seed=seed, batch_size=batch_size,
-            start_index=start, device=dev, window=window, stride=stride, windows=windows, wrap=wrap, order=order,
-            batch_windows=batch_windows, precision=precision, progress=progress)
+            start_index=start, device=dev, window=window, stride=stride, windows=windows, wrap=wrap, sampler=sampler,
+            options=options, batch_windows=batch_windows, precision=precision, progress=progress)
         for field_name in ("steps", "chain_passes", "windows_evaluated", "network_calls", "tokens_s"):
             setattr(stats, field_name, getattr(stats, field_name) + getattr(batch_stats, field_name))
         t0 = time.perf_counter()
@@ -511,7 +534,8 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
         "steps": steps,
         "order": order,
         "temperature": temp,
-        "sampler": DEFAULT_SAMPLER,
+        "sampler": sampler,
+        "sampler_options": options,
         "batch_size": batch_size,
         "batch_windows": batch_windows,
         "device": str(dev),

@@ -21,6 +21,7 @@ token grid in which unknown positions hold the mask id.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from uvq.config import TEMP_MAX, TEMP_MIN
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register, registry
 from uvq.runtime import UserError, amp_context
@@ -97,10 +99,6 @@ class SampleRNG:
         h = mix32(h ^ call_key[:, None])
         return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(len(self), *tail)
 
-    def skip(self, calls: int = 1) -> None:
-        """Advance the counter as if `calls` draws had been made."""
-        self.counter += int(calls)
-
     def select(self, index: torch.Tensor | Sequence[int]) -> SampleRNG:
         """A SampleRNG over a subset of the rows (row indices or a BoolTensor), at the same counter."""
         index = torch.as_tensor(index, device=self.device)
@@ -114,8 +112,8 @@ class SampleRNG:
 
 def top_k_filter(k: int) -> Filter:
     """Keep the k largest logits of each row; the rest become -inf."""
-    if k < 1:
-        raise UserError(f"--top-k must be >= 1 (got {k})")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"top_k must be an integer >= 1 (got {k!r})")
 
     def apply(logits: torch.Tensor) -> torch.Tensor:
         if k >= logits.shape[-1]:
@@ -128,8 +126,8 @@ def top_k_filter(k: int) -> Filter:
 
 def top_p_filter(p: float) -> Filter:
     """Keep the smallest set of most likely values whose probability reaches p (at least one)."""
-    if not 0.0 < p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1] (got {p})")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise UserError(f"top_p must be a number in (0, 1] (got {p!r})")
 
     def apply(logits: torch.Tensor) -> torch.Tensor:
         if p >= 1.0:
@@ -146,7 +144,8 @@ def top_p_filter(p: float) -> Filter:
 
 def make_filter(top_k: int | None = None, top_p: float | None = None) -> Filter | None:
     """Compose the filters asked for (top-k first, then top-p), or None."""
-    filters = [f for f in (top_k_filter(top_k) if top_k else None, top_p_filter(top_p) if top_p else None) if f]
+    filters = [f for f in (top_k_filter(top_k) if top_k is not None else None,
+                           top_p_filter(top_p) if top_p is not None else None) if f]
     if not filters:
         return None
     if len(filters) == 1:
@@ -201,8 +200,7 @@ def _check_chain_args(x: torch.Tensor, *, mask_id: int, steps: int, temp: float,
         raise ValueError(f"x must be a LongTensor[B, N], got {tuple(x.shape)} {x.dtype}")
     if steps < 1:
         raise UserError(f"--steps must be >= 1 (got {steps})")
-    if not temp > 0:
-        raise UserError(f"--temp must be > 0 (got {temp})")
+    check_temp(temp)
     if len(rng) != x.shape[0]:
         raise ValueError(f"rng has {len(rng)} rows but x has {x.shape[0]}")
     t_start = steps if t_start is None else int(t_start)
@@ -378,11 +376,61 @@ def maskgit_cosine_sampler(x, predict, *, mask_id, steps, temp, rng, t_start=Non
 
 DEFAULT_SAMPLER = "absorbing.v1"
 
+# Arguments every sampler takes from the chain's caller; everything else is an option.
+RESERVED_ARGS = ("x", "predict", "mask_id", "steps", "temp", "rng", "t_start")
 
-def sampler_options(top_k: int | None = None, top_p: float | None = None, **extra: Any) -> dict[str, Any]:
-    """The options dict for a sampler from CLI-style flags (None values dropped)."""
-    opts = {"top_k": top_k, "top_p": top_p, **extra}
-    return {k: v for k, v in opts.items() if v is not None}
+
+def bind_sampler(sampler: str | Callable, options: dict[str, Any] | None = None, path: str = "sample"
+                 ) -> tuple[Callable, dict[str, Any]]:
+    """(sampler function, options) for a registry name (or a sampler callable) and its options.
+
+    The options are bound against the sampler's signature (inspect.signature(...).bind_partial),
+    so one it does not take is a UserError naming `path.options.KEY` and the options it takes, raised
+    when the recipe loads (uvq.registry.resolve_config) and again by every library call; then the
+    values of the shared options are checked (check_options).
+    """
+    if isinstance(sampler, str):
+        try:
+            fn = registry.get("samplers", sampler)
+        except UserError as exc:
+            raise UserError(f"{path}.sampler: {exc}") from None
+    else:
+        fn = sampler
+    options = dict(options or {})
+    name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", repr(sampler))
+    for key in options:
+        if key in RESERVED_ARGS:
+            where = f"{path}.{key}" if key in ("steps", "temp") else "the chain"
+            raise UserError(f"{path}.options.{key} is not a sampler option: {where} sets it")
+    signature = inspect.signature(fn)
+    try:
+        signature.bind_partial(None, None, **options)
+    except TypeError:
+        takes = [p for p, v in signature.parameters.items() if p not in RESERVED_ARGS and v.kind == v.KEYWORD_ONLY]
+        bad = sorted(k for k in options if k not in takes)
+        raise UserError(f"{path}.options.{bad[0] if bad else '?'} is not an option of the sampler {name}; "
+                        f"its options: {', '.join(takes) or 'none'}") from None
+    check_options(options, f"{path}.options")
+    return fn, options
+
+
+def check_options(options: dict[str, Any], path: str = "sample.options") -> None:
+    """Check the values of the options the built-in samplers share (a plugin's option of the same
+    name must mean the same): top_k, top_p, order, choice_temp. One UserError naming the key."""
+    if options.get("top_k") is not None:
+        k = options["top_k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"{path}.top_k must be an integer >= 1 (got {k!r}); leave it unset for no top-k filter")
+    if options.get("top_p") is not None:
+        p = options["top_p"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise UserError(f"{path}.top_p must be a number in (0, 1] (got {p!r}); leave it unset for no nucleus filter")
+    if "order" in options and options["order"] not in ("random", "raster"):
+        raise UserError(f"{path}.order must be random or raster (got {options['order']!r})")
+    if "choice_temp" in options:
+        c = options["choice_temp"]
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 0):
+            raise UserError(f"{path}.choice_temp must be a finite number >= 0 (got {c!r})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +478,17 @@ def make_predict(prior: torch.nn.Module, device: torch.device, precision: str = 
     return predict
 
 
+def check_temp(temp: float, flag: str = "--temp") -> None:
+    """The temperature rule of the recipes (uvq.config.TEMP_MIN..TEMP_MAX), for library callers."""
+    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and TEMP_MIN <= temp <= TEMP_MAX):
+        raise UserError(f"{flag} must be between {TEMP_MIN:g} and {TEMP_MAX:g} (got {temp!r}): logits / temp must "
+                        "stay finite and distinct in float32")
+
+
 def _validate_sampling(n_tokens: int, steps: int, temp: float) -> None:
     if not 1 <= steps <= n_tokens:
         raise UserError(f"--steps must be between 1 and N={n_tokens} tokens (got {steps})")
-    if not temp > 0:
-        raise UserError(f"--temp must be > 0 (got {temp})")
+    check_temp(temp)
 
 
 @dataclass
@@ -465,8 +519,7 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
     _validate_sampling(n_tokens, steps, temp)
     if batch_size < 1 or n < 1:
         raise UserError("--n and --batch-size must be >= 1")
-    fn = registry.get("samplers", sampler)
-    options = dict(options or {})
+    fn, options = bind_sampler(sampler, options)
     if latent_shape is None and vqgan is not None and hasattr(vqgan, "latent_shape"):
         latent_shape = tuple(vqgan.latent_shape)
     if latent_shape is None:

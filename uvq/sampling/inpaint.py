@@ -44,11 +44,13 @@ from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.canvas import (
     CanvasStats,
+    check_memory,
     decode_canvas,
     make_windows,
     parse_window_choice,
     sample_canvas,
 )
+from uvq.sampling.chain import DEFAULT_SAMPLER, bind_sampler, check_temp
 
 SIDES = ("left", "right", "top", "bottom")
 
@@ -356,29 +358,30 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                    masks: str | Path | None = None, boxes: list[str] | None = None, extend: str | None = None,
                    vqgan: str | Path | None = None, n: int = 8, steps: int | None = None, temp: float = 0.9,
                    seed: int = 0, dilate_latents: int = 0, composite_pixels: bool = False, feather_px: int = 0,
-                   stride: int = 1, windows: str = "all", batch_windows: int = 256, weights: str = "default",
-                   device: str = "auto", precision: str = "bf16", overwrite: bool = False,
+                   stride: int = 1, windows: str = "all", batch_windows: int = 256, sampler: str = DEFAULT_SAMPLER,
+                   options: dict[str, Any] | None = None, weights: str = "default", device: str = "auto",
+                   precision: str = "bf16", max_memory_gb: float = 64.0, overwrite: bool = False,
                    progress: ProgressFn | None = None) -> dict[str, Any]:
     """Inpaint (and outpaint) an image or a folder of images from checkpoints into `out_dir`.
 
     Per input <stem>: <stem>-000.png ... (n completions; composited with the original pixels
     when `composite_pixels`), <stem>-grid.png (original, mask, completions side by side). Then
     inpaint.json (checkpoint hashes, settings, and per input the fitting, the mask size, t_start).
-    Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j.
+    Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j. The settings
+    are the recipe's `inpaint` section (uvq.config.InpaintConfig); `sampler` runs with `options`.
     """
     from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.runtime import resolve_device
-    from uvq.sampling.chain import DEFAULT_SAMPLER
     from uvq.sampling.outputs import provenance_header
 
     progress = progress or null_progress
     t_begin = time.perf_counter()
-    if not temp > 0:
-        raise UserError(f"--temp must be > 0 (got {temp})")
+    check_temp(temp)
     if n < 1:
         raise UserError(f"--n must be >= 1 (got {n})")
+    _, options = bind_sampler(sampler, options, "inpaint")
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
@@ -387,11 +390,14 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     f, size = vq_cfg.downsample, vq_cfg.img_size
     box_specs = [parse_box(b) for b in (boxes or [])]
     grow = parse_extend(extend, f)
+    frame_latents = ((size + grow["top"] + grow["bottom"]) // f, (size + grow["left"] + grow["right"]) // f)
+    # the memory of the mixture, before any frame is allocated (this also checks the stride)
+    check_memory(n, frame_latents, window, int(prior_meta["model_config"]["codebook_size"]), stride=stride,
+                 wrap=False, batch_windows=batch_windows, max_gb=max_memory_gb, section="inpaint")
     # Validate every input before any work, so that a bad mask fails in a second, not after an hour.
     jobs = [prepare_job(image, size=size, downsample=f, mask_path=m, boxes=box_specs, extend=grow)
             for image, m in list_inputs(inputs, mask=mask, masks=masks)]
     parse_window_choice(windows)
-    frame_latents = (jobs[0].frame[0] // f, jobs[0].frame[1] // f)
     make_windows(frame_latents, window, stride, False)  # validates the stride
     if steps is not None and not 1 <= steps <= frame_latents[0] * frame_latents[1]:
         raise UserError(f"--steps must be between 1 and the {frame_latents[0] * frame_latents[1]} tokens of the "
@@ -418,7 +424,8 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
         known[top:top + codes.shape[0], left:left + codes.shape[1]] = codes
         result = inpaint_tokens(net, known, lmask.to(dev), n=n, steps=steps, temp=temp, seed=seed,
                                 sample_ids=torch.arange(i * n, (i + 1) * n), window=window, stride=stride,
-                                windows=windows, batch_windows=batch_windows, precision=precision, stats=stats)
+                                windows=windows, batch_windows=batch_windows, sampler=sampler, options=options,
+                                precision=precision, stats=stats)
         images = decode_canvas(vq_model, result.tokens).clamp(0, 1)  # [n, 3, H', W']
         original = frame_pixels(job)  # [3, H', W']
         if composite_pixels:
@@ -445,7 +452,8 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
         **provenance_header("inpaint", out, n, prior_meta, weights, vq_meta, vq_weights),
         "seed": seed,
         "temperature": temp,
-        "sampler": DEFAULT_SAMPLER,
+        "sampler": sampler,
+        "sampler_options": options,
         "start_time": "t_start = max(1, round(steps * masked_latents / latents))",
         "dilate": dilate_latents,
         "composite": composite_pixels,

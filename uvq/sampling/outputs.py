@@ -16,7 +16,7 @@ from uvq import __version__
 from uvq.checkpoint import read_prior_meta, resolve_pair
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
-from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, iter_samples
+from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, bind_sampler, iter_samples
 
 SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
@@ -65,6 +65,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     n_tokens = int(prior_meta["model_config"]["latent_shape"][0]) * int(prior_meta["model_config"]["latent_shape"][1])
     steps = n_tokens if steps is None else int(steps)
     _validate_sampling(n_tokens, steps, temp)
+    bind_sampler(sampler, options)  # an unknown sampler or option fails before anything is written
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
         vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)

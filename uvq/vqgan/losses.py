@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from uvq.config import VQGANTrainConfig
-from uvq.registry import register
 from uvq.runtime import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +159,6 @@ class ReconstructionLoss(nn.Module):
         return loss, parts
 
 
-@register("losses", "l1_lpips.v1")
 def build_l1_lpips(cfg: VQGANTrainConfig) -> ReconstructionLoss:
     """L1 + w_p * LPIPS(train.lpips_net); LPIPS is loaded only when train.perceptual_weight > 0."""
     perceptual = Perceptual(load_lpips(cfg.lpips_net)) if cfg.perceptual_weight > 0 else None
@@ -200,7 +198,6 @@ class CodebookLoss:
         return self.weight * codebook_loss(qinfo, self.beta, self.placement)
 
 
-@register("losses", "vq_codebook.v1")
 def build_vq_codebook(cfg: VQGANTrainConfig) -> CodebookLoss:
     """Codebook + commitment terms with train.beta, train.beta_placement and train.codebook_weight."""
     return CodebookLoss(cfg.beta, cfg.beta_placement, cfg.codebook_weight)
@@ -228,7 +225,6 @@ class HingeGANLoss:
     g_loss = staticmethod(hinge_g_loss)
 
 
-@register("losses", "hinge.v1")
 def build_hinge(cfg: VQGANTrainConfig | None = None) -> HingeGANLoss:
     """Hinge loss for D, -mean(D(x_hat)) for G (the authors' code)."""
     return HingeGANLoss()

@@ -53,7 +53,13 @@ from uvq.runtime import (
 from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
 from uvq.training import resume as resume_from
 from uvq.vqgan.augment import diff_augment, parse_policy
-from uvq.vqgan.losses import adaptive_weight, disc_factor
+from uvq.vqgan.losses import (
+    adaptive_weight,
+    build_hinge,
+    build_l1_lpips,
+    build_vq_codebook,
+    disc_factor,
+)
 from uvq.vqgan.model import build_vqgan
 
 TASK = "fit-vqgan"
@@ -72,9 +78,10 @@ def build_parts(cfg: Config) -> tuple[nn.Module, nn.Module, nn.Module, Any, Any]
     vqgan = build_vqgan(cfg.model.vqgan)
     disc = registry.get("discriminators", cfg.model.discriminator.name)(cfg.model.discriminator,
                                                                         in_channels=cfg.model.vqgan.in_channels)
-    rec_loss = registry.get("losses", "l1_lpips.v1")(cfg.train)
-    vq_loss = registry.get("losses", "vq_codebook.v1")(cfg.train)
-    gan = registry.get("losses", "hinge.v1")(cfg.train)
+    # The VQGAN losses are not registry entries: one implementation each, set up by the train section.
+    rec_loss = build_l1_lpips(cfg.train)
+    vq_loss = build_vq_codebook(cfg.train)
+    gan = build_hinge(cfg.train)
     return vqgan, disc, rec_loss, vq_loss, gan
 
 
