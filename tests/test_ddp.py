@@ -80,3 +80,52 @@ def test_two_process_gloo_training_only_rank0_writes(tmp_path):
         assert a["extra"]["replica"] == b["extra"]["replica"]
         assert a["data"]["position"] == b["data"]["position"] == step * 2  # each rank its own slice
         assert not torch.equal(a["generators"]["augment"], b["generators"]["augment"])  # independent DiffAugment draws
+
+
+def _hang_worker(rank: int, world: int, port: int, base: str) -> None:
+    import time
+
+    from uvq.runtime import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_distributed(torch.device("cpu"), timeout_s=3)
+    if rank == 1:  # a hung rank: never reaches the collective
+        time.sleep(40)
+        return
+    t0 = time.monotonic()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+        outcome = "returned"
+    except Exception as exc:  # gloo reports the timeout as a RuntimeError subclass
+        outcome = type(exc).__name__
+    (Path(base) / "hang.json").write_text(json.dumps({"outcome": outcome, "waited": time.monotonic() - t0}))
+
+
+def test_a_hung_rank_stops_the_collective_after_the_timeout(tmp_path):
+    """run.dist_timeout_s bounds every collective: rank 0 fails after ~3 s, not gloo's 30 minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_hang_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    procs[0].join(120)
+    for p in procs:
+        p.kill()
+        p.join()
+    result = json.loads((tmp_path / "hang.json").read_text())
+    assert result["outcome"] != "returned"
+    assert 2 <= result["waited"] < 30
+
+
+def test_dist_timeout_is_a_checked_recipe_option():
+    assert load_config("demo").run.dist_timeout_s == 300
+    import pytest
+
+    from uvq.errors import UserError
+
+    with pytest.raises(UserError, match="run.dist_timeout_s"):
+        load_config("demo", ["run.dist_timeout_s=0"])

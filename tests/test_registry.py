@@ -262,7 +262,7 @@ def _stream_config(name: str, tmp_path: Path) -> DataConfig:
 
 @pytest.mark.parametrize("name", registry.names("streams"))
 def test_stream_contract(name, tmp_path):
-    from uvq.data.sources import iterate_images
+    from uvq.data.streams import iterate_images
 
     cfg = _stream_config(name, tmp_path)
     registry.get("streams", name)(cfg)  # the entry builds from the config ...

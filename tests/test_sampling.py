@@ -450,7 +450,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["--steps", "65"], "between 1 and N=64"),
         (["--temp", "0"], "sample.temp must be between 0.001 and 1000"),
         (["--temp", "1e-45"], "sample.temp must be between 0.001 and 1000"),
-        (["--temp", "inf"], "sample.temp must be between 0.001 and 1000"),
+        (["--temp", "inf"], "sample.temp must be a finite number"),
         (["--top-k", "0"], "sample.options.top_k must be an integer >= 1"),
         (["--top-p", "0"], "sample.options.top_p must be a number in (0, 1]"),
         (["--top-p", "1.5"], "sample.options.top_p must be a number in (0, 1]"),

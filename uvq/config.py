@@ -432,11 +432,15 @@ class RunConfig:
     image_every: int = 1000  # reconstruction / sample grids
     ckpt_every: int = 5000
     keep_last: int = 3
+    # Under torchrun: how long a collective may wait for the other ranks before the job stops
+    # with one line (torch.distributed's own default is 30 minutes for gloo, 10 for nccl).
+    dist_timeout_s: float = 300.0
 
     def validate(self, path: str) -> None:
         _range(f"{path}.seed", self.seed, 0, SEED_MAX, why="seeds derived from it must fit torch's 64-bit seed")
         for name in ("log_every", "image_every", "ckpt_every", "keep_last"):
             _range(f"{path}.{name}", getattr(self, name), 1)
+        _range(f"{path}.dist_timeout_s", self.dist_timeout_s, 1, 86400)
 
 
 @dataclass

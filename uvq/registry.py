@@ -48,7 +48,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]*(\.[a-z0-9_\-]+)*\.v\d+$")
 # list complete by scanning uvq/ for `@register(`.
 BUILTIN_MODULES = (
     "uvq.data.sources",
-    "uvq.data.streams",
     "uvq.vqgan.model",
     "uvq.vqgan.discriminator",
     "uvq.prior.model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -71,10 +72,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+def init_distributed(device: torch.device, timeout_s: float = 300.0) -> DistInfo:
     """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on CUDA).
 
     Without torchrun's variables this is a single-process run and nothing is initialised.
+    `timeout_s` (the recipe's `run.dist_timeout_s`) bounds every collective: a rank that died or
+    hangs makes the others fail after that long instead of torch's default 30 minutes.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -85,7 +88,7 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 

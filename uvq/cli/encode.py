@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--weights must be default, ema or model, not {which!r}")
         dev = resolve_device(device)
         encode_out_check(out, vqgan=vqgan, data_source=cfg.data.source, overwrite=overwrite)  # before loading
-        info = init_distributed(dev)
+        info = init_distributed(dev, cfg.run.dist_timeout_s)
         model, meta = load_model(vqgan, "vqgan", weights=which, device=dev)
         rep = reporter()
         try:

@@ -520,7 +520,7 @@ def _shards_of(manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
     return [(root / s["name"], int(s["num_samples"])) for s in manifest["shards"] if s["split"] == split]
 
 
-def _load_codes(manifest: dict[str, Any], path: Path) -> tuple[list[str], np.ndarray]:
+def load_codes(manifest: dict[str, Any], path: Path) -> tuple[list[str], np.ndarray]:
     """A whole shard as keys and an int64 array [n, h, w], checked against the manifest."""
     keys, arrays = [], []
     shape = tuple(manifest["latent_shape"])
@@ -576,7 +576,7 @@ class LatentStream(torch.utils.data.IterableDataset):
         return [perm[i:i + self.buffer_shards] for i in range(0, len(perm), self.buffer_shards)]
 
     def _group_codes(self, epoch: int, group: list[int], gi: int, stride: int, start: int) -> np.ndarray:
-        codes = np.concatenate([_load_codes(self.manifest, self.shards[i][0])[1] for i in group])
+        codes = np.concatenate([load_codes(self.manifest, self.shards[i][0])[1] for i in group])
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 7919 + gi)
         perm = torch.randperm(len(codes), generator=g).numpy()
         return codes[perm[start::stride]]  # [n_mine, h, w]
@@ -613,7 +613,7 @@ def iterate_latents(manifest: dict[str, Any], split: str = "val", *, batch_size:
     pending: list[np.ndarray] = []
     index = 0
     for path, _ in _shards_of(manifest, split):
-        keys, codes = _load_codes(manifest, path)
+        keys, codes = load_codes(manifest, path)
         for key, c in zip(keys, codes, strict=True):
             if max_samples is not None and index >= max_samples:
                 break

@@ -27,7 +27,7 @@ from uvq.checkpoint import mark_best, read_meta, weights_file
 from uvq.config import Config
 from uvq.ema import EMA
 from uvq.files import atomic_path, check_out_dir, sha256_file
-from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, read_manifest
+from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, load_codes, read_manifest
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
@@ -138,11 +138,18 @@ def _lr(tc, step: int) -> float:
     return tc.lr * min(1.0, (step + 1) / tc.warmup_steps)
 
 
+def _shard_paths(manifest: dict[str, Any], split: str) -> list[Path]:
+    return [Path(manifest["root"]) / s["name"] for s in manifest["shards"] if s["split"] == split]
+
+
 def check_splits(manifest: dict[str, Any], latents_dir: str | Path) -> None:
     """Refuse latents whose train or val split holds no sample (an endless stream over empty shards
-    would hang, and a validation ELBO over none is NaN). The shards are counted from their tar
-    headers, up to the first one that holds samples, so that a manifest's counts are not trusted."""
+    would hang, and a validation ELBO over none is NaN), or any shard whose codes do not fit the
+    manifest (shape, dtype, codes >= K), before the run directory is written. Every shard is read
+    once (latents are small: 70k FFHQ grids of 16x16 are 36 MB), so a manifest is not trusted."""
     for split in ("train", "val"):
+        for path in _shard_paths(manifest, split):
+            load_codes(manifest, path)  # raises a UserError naming the shard
         shards = [Path(manifest["root"]) / s["name"] for s in manifest["shards"] if s["split"] == split]
         if not manifest["num_samples"].get(split) or not shards:
             why = "the validation ELBO needs one: re-encode with data.val_fraction > 0" if split == "val" else \
@@ -196,7 +203,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
 
     # Setup: device, process group, the latents and their consistency, the run directory.
     dev = resolve_device(device)
-    dist = init_distributed(dev)
+    dist = init_distributed(dev, cfg.run.dist_timeout_s)
     progress = progress if dist.is_main else null_progress
     check_out_dir(out_dir, command="fit-prior", resume=resume, overwrite=overwrite,
                   inputs=(latents_dir, vqgan or tc.vqgan))  # fail fast (RunDir.open checks again and claims)

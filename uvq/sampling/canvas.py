@@ -464,7 +464,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     settings, timing). `steps` defaults to the prior's window token count N (random order) or the
     canvas's token count (options {"order": "raster"}, one token per step as the authors).
     """
-    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
+    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
@@ -494,6 +494,9 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     check_memory(min(batch_size, n), canvas, window, int(prior_meta["model_config"]["codebook_size"]), stride=stride,
                  wrap=wrap, batch_windows=batch_windows, max_gb=max_memory_gb, section="canvas")  # validates the stride
     geometry = make_windows(canvas, window, stride, wrap)
+    # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
+    verify_checkpoint(prior_meta["path"], "prior")
+    verify_checkpoint(vq_meta["path"], "vqgan")
     claim = claim_out_dir(out_dir, command="upscale-canvas", overwrite=overwrite,
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
                           entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))

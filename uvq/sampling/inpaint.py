@@ -370,7 +370,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     Completion j of the i-th input (sorted by name) uses the draws of sample i*n + j. The settings
     are the recipe's `inpaint` section (uvq.config.InpaintConfig); `sampler` runs with `options`.
     """
-    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair
+    from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
     from uvq.config import VQGANConfig, section_from_dict
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.runtime import resolve_device
@@ -405,6 +405,9 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     if feather_px < 0 or dilate_latents < 0:
         raise UserError("--feather and --dilate must be >= 0")
     names = [f"{job.name}-{j:03d}.png" for job in jobs for j in range(n)] + [f"{job.name}-grid.png" for job in jobs]
+    # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
+    verify_checkpoint(prior_meta["path"], "prior")
+    verify_checkpoint(vq_meta["path"], "vqgan")
     claim = claim_out_dir(out_dir, command="inpaint", overwrite=overwrite,
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
                           entries=[*names, "inpaint.json"])

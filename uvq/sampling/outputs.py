@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from uvq import __version__
-from uvq.checkpoint import read_prior_meta, resolve_pair
+from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, bind_sampler, iter_samples
@@ -51,7 +51,6 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
     `images=False` writes codes only and needs no VQGAN.
     """
-    from uvq.checkpoint import load_pair
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
     from uvq.runtime import resolve_device
@@ -69,6 +68,10 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
         vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+    # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
+    verify_checkpoint(prior_meta["path"], "prior")
+    if vq_meta is not None:
+        verify_checkpoint(vq_meta["path"], "vqgan")
     claim = claim_out_dir(out_dir, command="sample", overwrite=overwrite,
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta and vq_meta["path"]),
                           entries=("grid.png", "codes", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))

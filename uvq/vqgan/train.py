@@ -136,7 +136,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
 
     # Setup: device, process group, seeds.
     dev = resolve_device(device)
-    dist = init_distributed(dev)
+    dist = init_distributed(dev, cfg.run.dist_timeout_s)
     progress = (progress or null_progress) if dist.is_main else null_progress
     cuda = dev.type == "cuda"
     precision = tc.precision if cuda else "fp32"  # the CPU always trains in fp32 (exact resume)
