@@ -310,8 +310,19 @@ def test_a_vqgan_that_is_not_the_priors_tokenizer_needs_an_explicit_flag(good):
     assert ckpt == good["vq2"] and weights == "ema"
     with pytest.raises(UserError) as exc:
         resolve_pair(prior_meta, good["vq1"])
-    assert "has other weights" in _one_line(exc) and "--allow-other-vqgan" in str(exc.value)
+    assert "has other weights" in _one_line(exc) and "sample.allow_other_vqgan=true" in str(exc.value)
     events = []
     meta, _ = resolve_pair(prior_meta, good["vq1"], allow_other_vqgan=True, progress=events.append)
     assert meta["path"] == str(good["vq1"]) and events[0]["event"] == "warn"
     json.dumps(events)
+
+
+def test_the_sample_command_decodes_with_another_vqgan_only_when_the_recipe_allows_it(good, tmp_path):
+    args = ["sample", "--prior", str(good["prior"]), "--vqgan", str(good["vq1"]), "--n", "1", "--steps", "2",
+            "--device", "cpu"]
+    refused = run_uvq(*args, "--out", str(tmp_path / "refused"), cwd=tmp_path)
+    assert refused.returncode == 2 and "has other weights" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused").exists()
+    allowed = run_uvq(*args, "--out", str(tmp_path / "allowed"), "sample.allow_other_vqgan=true", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "allowed" / "sample-000000.png").is_file()

@@ -544,7 +544,7 @@ def find_vqgan(prior_meta: dict[str, Any], vqgan: str | Path | None = None, *, a
                    f"{prior_meta['path']} was trained with ({want[:12]}, {tok.get('path')})")
         if not allow_other_vqgan:
             raise UserError(f"{message}; its samples would decode to noise: drop --vqgan to use the prior's own, or "
-                            "pass --allow-other-vqgan to decode with this one anyway")
+                            "set allow_other_vqgan=true in the command's section (e.g. sample.allow_other_vqgan=true) to decode with it anyway")
         (progress or null_progress)({"event": "warn", "message": f"{message}; decoding with it as asked"})
         return ckpt, "default", f"--vqgan {vqgan} (not the prior's tokenizer)"
     if not tok:
@@ -623,7 +623,7 @@ class Pair(NamedTuple):
 
 
 def load_pair(prior: str | Path, vqgan: str | Path | None = None, *, weights: str = "default",
-              device: str | torch.device = "auto", decoder: bool = True) -> Pair:
+              device: str | torch.device = "auto", decoder: bool = True, allow_other_vqgan: bool = False) -> Pair:
     """Load a prior checkpoint (or run directory) and the VQGAN its provenance names (or `vqgan`).
 
     The pair is checked to fit (codebook, latent grid, tokenizer hash) before either is built.
@@ -635,7 +635,7 @@ def load_pair(prior: str | Path, vqgan: str | Path | None = None, *, weights: st
     prior_meta = read_prior_meta(prior)
     vq_meta = vq_weights = vq_model = None
     if decoder:
-        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan)
     net, prior_meta = load_model(prior, "prior", weights=weights, device=dev)
     if vq_meta is not None:
         vq_model, vq_meta = load_model(vq_meta["path"], "vqgan", weights=vq_weights, device=dev)

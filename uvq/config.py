@@ -324,6 +324,7 @@ class SampleConfig:
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {top_k: 50}; see docs/sampling.md
+    allow_other_vqgan: bool = False  # decode with a --vqgan that did not make the prior's latents (warns)
     steps: int | None = None  # None: N (the full chain)
     temp: float = 0.9
     n: int = 64
@@ -346,6 +347,7 @@ class CanvasConfig:
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: raster}, the authors' order
+    allow_other_vqgan: bool = False  # decode with a --vqgan that did not make the prior's latents (warns)
     size: list[int] | None = None  # [H, W] pixels, multiples of the VQGAN's downsampling (or latent_size)
     latent_size: list[int] | None = None  # [h, w] latents
     n: int = 4
@@ -379,6 +381,7 @@ class InpaintConfig:
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
     options: dict[str, Any] = field(default_factory=dict)
+    allow_other_vqgan: bool = False  # decode with a --vqgan that did not make the prior's latents (warns)
     n: int = 8  # completions per input
     steps: int | None = None  # step budget T of a full chain (None: the grid's N tokens)
     temp: float = 0.9

@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
                 n=cfg.n, steps=cfg.steps, temp=cfg.temp, seed=seed, dilate_latents=cfg.dilate,
                 composite_pixels=cfg.composite, feather_px=cfg.feather, stride=cfg.stride, windows=cfg.windows,
                 batch_windows=cfg.batch_windows, sampler=cfg.sampler, options=cfg.options, weights=weights,
+                allow_other_vqgan=cfg.allow_other_vqgan,
                 device=device, precision=cfg.precision, max_memory_gb=cfg.max_memory_gb, overwrite=overwrite,
                 progress=rep)
         finally:

@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             "n": n, "steps": steps, "temp": temp, "batch_size": batch_size, "sampler": sampler,
             "options.top_k": top_k, "options.top_p": top_p})
         rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
-        vq_path, _, vq_where = find_vqgan(meta, vqgan)
+        vq_path, _, vq_where = find_vqgan(meta, vqgan, allow_other_vqgan=cfg.allow_other_vqgan, progress=rep)
         rep({"event": "log", "message": f"vqgan: {vq_path} (from {vq_where})"})
         rep({"event": "log", "message": describe("sample", cfg)})
         if out is None:

@@ -454,7 +454,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
                    windows: str = "all", wrap: bool = False, sampler: str = DEFAULT_SAMPLER,
                    options: dict[str, Any] | None = None, batch_size: int = 4, batch_windows: int = 256,
                    weights: str = "default", device: str = "auto", precision: str = "bf16",
-                   max_memory_gb: float = 64.0, overwrite: bool = False,
+                   max_memory_gb: float = 64.0, overwrite: bool = False, allow_other_vqgan: bool = False,
                    progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample n canvases larger than the training window from a prior checkpoint into `out_dir`.
 
@@ -482,7 +482,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
-    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     downsample = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan").downsample
     canvas = canvas_latents(size=tuple(size) if size else None, latent_size=tuple(latent_size) if latent_size else None,
                             downsample=downsample, window=window)
@@ -501,7 +501,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
                           entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
     out = claim.path
-    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev)
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev, allow_other_vqgan=allow_other_vqgan)
 
     progress({"event": "log", "message": f"canvas {canvas[0]}x{canvas[1]} latents "
               f"({canvas[0] * downsample}x{canvas[1] * downsample} pixels), {len(geometry)} windows of "

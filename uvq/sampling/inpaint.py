@@ -360,7 +360,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                    seed: int = 0, dilate_latents: int = 0, composite_pixels: bool = False, feather_px: int = 0,
                    stride: int = 1, windows: str = "all", batch_windows: int = 256, sampler: str = DEFAULT_SAMPLER,
                    options: dict[str, Any] | None = None, weights: str = "default", device: str = "auto",
-                   precision: str = "bf16", max_memory_gb: float = 64.0, overwrite: bool = False,
+                   precision: str = "bf16", max_memory_gb: float = 64.0, overwrite: bool = False, allow_other_vqgan: bool = False,
                    progress: ProgressFn | None = None) -> dict[str, Any]:
     """Inpaint (and outpaint) an image or a folder of images from checkpoints into `out_dir`.
 
@@ -385,7 +385,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
-    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+    vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     vq_cfg = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan")
     f, size = vq_cfg.downsample, vq_cfg.img_size
     box_specs = [parse_box(b) for b in (boxes or [])]
@@ -412,7 +412,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
                           entries=[*names, "inpaint.json"])
     out = claim.path
-    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev)
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev, allow_other_vqgan=allow_other_vqgan)
 
     stats = CanvasStats()
     records = []

@@ -43,7 +43,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                   sampler: str = DEFAULT_SAMPLER, options: dict[str, Any] | None = None, grid: bool = True,
                   codes: bool = False, images: bool = True, weights: str = "default", device: str = "auto",
                   precision: str = "bf16", compile: bool = False, cuda_graphs: bool = False,
-                  overwrite: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, allow_other_vqgan: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample n images from a prior checkpoint into `out_dir`; return the summary (samples.json).
 
     Writes sample-000000.png ... (stable names: sample i is the i-th of the seed), grid.png (the
@@ -67,7 +67,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     bind_sampler(sampler, options)  # an unknown sampler or option fails before anything is written
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
-        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan)
+        vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
     verify_checkpoint(prior_meta["path"], "prior")
     if vq_meta is not None:
@@ -76,7 +76,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                           inputs=(prior, prior_meta["path"], vqgan, vq_meta and vq_meta["path"]),
                           entries=("grid.png", "codes", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
     out = claim.path
-    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev,
+    net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev, allow_other_vqgan=allow_other_vqgan,
                                                                decoder=vq_meta is not None)
     latent_shape = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
 
