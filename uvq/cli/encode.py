@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Encode a dataset to webdataset shards of VQGAN codes (train and val splits); resumable."""
-        from uvq.checkpoint import load_model, read_meta
+        from uvq.checkpoint import load_model, read_meta, resolve_checkpoint, verify_checkpoint
         from uvq.config import config_from_dict, load_config
         from uvq.prior.latents import encode_dataset, encode_out_check
         from uvq.runtime import UserError, init_distributed, resolve_device, shutdown_distributed
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         if which not in ("default", "ema", "model"):
             raise UserError(f"--weights must be default, ema or model, not {which!r}")
         dev = resolve_device(device)
+        verify_checkpoint(resolve_checkpoint(vqgan), "vqgan")  # every weight file, before anything is written
         encode_out_check(out, vqgan=vqgan, data_source=cfg.data.source, overwrite=overwrite)  # before loading
         info = init_distributed(dev, cfg.run.dist_timeout_s)
         model, meta = load_model(vqgan, "vqgan", weights=which, device=dev)

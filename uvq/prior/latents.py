@@ -36,7 +36,7 @@ import torch
 
 from uvq import __version__
 from uvq.data.sources import unsafe_member
-from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, sha256_file
+from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, disk_error, sha256_file
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError, barrier, dist_info
 
@@ -108,7 +108,10 @@ class ShardWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        try:
+            self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        except OSError as exc:  # a full disk or a read-only folder is the user's to fix (one line)
+            raise disk_error(exc, self.tmp) from exc
         self.count = 0
 
     def write(self, key: str, codes: np.ndarray) -> None:
@@ -123,13 +126,19 @@ class ShardWriter:
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+        try:
+            self._tar.addfile(info, io.BytesIO(data))
+        except OSError as exc:
+            raise disk_error(exc, self.tmp) from exc
 
     def close(self) -> None:
-        self._tar.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
+        try:
+            self._tar.close()
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise disk_error(exc, self.tmp) from exc
 
     def abort(self) -> None:
         self._tar.close()

@@ -290,7 +290,9 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         meter.add("loss", out["loss"])
         meter.add("elbo", out["elbo"])
 
-        # Periodic work: log, validate, plot, checkpoint.
+        # Periodic work: log, validate, plot, checkpoint. A step's training means and its
+        # validation ELBO share one metrics.jsonl row (a step is never written twice).
+        row: dict[str, Any] = {}
         if step % rc.log_every == 0 or step == tc.steps:
             means = meter.reduce(dist)
             refuse_nonfinite(means, step, last_ckpt)
@@ -298,7 +300,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             metrics = {"loss": means["loss"], "elbo_bits_per_token": means["elbo"],
                        "lr": optimizer.param_groups[0]["lr"],
                        "tokens_per_s": steps_window * tc.batch_size * pc.n_tokens * dist.world_size / elapsed}
-            run.log_metrics(step, metrics)
+            row.update(metrics)
             progress({"event": "advance", "task": "fit-prior", "n": pending,
                       "metrics": {"loss": metrics["loss"], "elbo": metrics["elbo_bits_per_token"], **(
                           {"val": last_val["mean"]} if last_val else {})}})
@@ -307,12 +309,14 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         improved = False
         if step % tc.val_every == 0 or step == tc.steps:
             last_val = validate()
-            run.log_metrics(step, {"val_elbo_bits_per_token": last_val["mean"], "val_stderr": last_val["mean_stderr"]})
+            row.update({"val_elbo_bits_per_token": last_val["mean"], "val_stderr": last_val["mean_stderr"]})
             progress({"event": "log", "message": f"step {step}: validation ELBO {last_val['mean']:.4f} "
                                                  f"± {last_val['mean_stderr']:.4f} bits/token"})
             if last_val["mean"] < best["val_bits_per_token"]:
                 best = {"step": step, "val_bits_per_token": last_val["mean"]}
                 improved = True
+        if row:
+            run.log_metrics(step, row)
         if run.writes and (step % rc.image_every == 0 or step == target):
             loss_by_t_plot(process.loss_by_time(buckets=min(32, process.T)), run.image_path("loss-by-t", step),
                            title=f"{tc.loss} by time step t, step {step}")
