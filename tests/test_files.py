@@ -320,3 +320,25 @@ def test_outputs_and_weight_files_follow_the_umask(tmp_path):
     ckpt = write_checkpoint_dir(tmp_path / "ck", kind="vqgan", model_config={}, weights={"model": torch.nn.Linear(2, 2)})
     for f in ckpt.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name  # safetensors alone makes 0600
+
+
+def test_a_killed_lockers_temporary_file_is_removed_at_the_next_claim(tmp_path):
+    """SIGKILL between writing the lock's temporary file and linking it leaves `.uvq.lock.PID.N.tmp`;
+    the next claim removes it when that pid is dead on this host, and keeps a live locker's."""
+    import socket as _socket
+
+    from uvq.files import claim_out_dir
+
+    out = tmp_path / "out"
+    claim_out_dir(out, command="sample").release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = out / f".uvq.lock.{dead.pid}.1234.tmp"
+    left.write_text(json.dumps({"host": _socket.gethostname(), "pid": dead.pid}) + "\n")
+    torn = out / f".uvq.lock.{dead.pid}.99.tmp"
+    torn.write_text('{"host": "')
+    live = out / f".uvq.lock.{os.getpid()}.5678.tmp"
+    live.write_text(json.dumps({"host": _socket.gethostname(), "pid": os.getpid()}) + "\n")
+    claim_out_dir(out, command="sample", resume=True).release()
+    assert not left.exists() and not torn.exists()
+    assert live.exists()

@@ -314,6 +314,28 @@ def _recorded(record: dict[str, Any], names: Iterable[str]) -> list[str]:
     return [n for n in names if n in entries or any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
+_LOCK_TEMP = re.compile(r"^\.uvq\.lock\.(\d+)\.\d+\.tmp$")
+
+
+def _dead_lock_temp(p: Path) -> bool:
+    """A lock's temporary file left by a locker that was killed before linking it: its pid is dead
+    on this host (read from the file; a file cut short by the kill counts by the pid in its name)."""
+    m = _LOCK_TEMP.match(p.name)
+    if m is None or p.is_symlink():
+        return False
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:
+        info = None
+    if isinstance(info, dict):
+        return info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1)))
+    return not _pid_alive(int(m.group(1)))
+
+
 def remove_leftover_temps(path: str | Path) -> list[Path]:
     """Remove the temporary names of killed atomic writes (TEMP_NAME only) in `path` and, at any
     depth, in its recorded subdirectories, never following symlinks. Call it holding the lock
@@ -324,6 +346,7 @@ def remove_leftover_temps(path: str | Path) -> list[Path]:
         return []
     names = os.listdir(path)
     doomed = [path / n for n in names if TEMP_NAME.match(n) and not n.startswith(f"{LOCK}.")]
+    doomed += [path / n for n in names if _dead_lock_temp(path / n)]
     for sub in _recorded(record, names):
         if (path / sub).is_dir() and not (path / sub).is_symlink():
             for root, subdirs, files in os.walk(path / sub, followlinks=False):
