@@ -53,19 +53,16 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Sample canvases larger than the training window by averaging the prior over windows (Eq. 8)."""
-        from uvq.checkpoint import find_prior, read_meta
-        from uvq.cli.sample import describe, generation_section
+        from uvq.cli.sample import describe, generation_setup
         from uvq.sampling.canvas import parse_hw, upscale_canvas
 
         apply_local(json_flag, debug)
         rep = reporter()
-        ckpt, where = find_prior(prior, run=run, recipe=recipe)
-        cfg = generation_section("canvas", read_meta(ckpt), list(overrides or []), {
+        ckpt, _, cfg = generation_setup("canvas", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "size": list(parse_hw(size, "--size")) if size else None,
             "latent_size": list(parse_hw(latent_size, "--latent-size")) if latent_size else None,
             "n": n, "steps": steps, "temp": temp, "stride": stride, "windows": windows, "wrap": wrap or None,
-            "options.order": order, "batch_size": batch_size})
-        rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
+            "options.order": order, "batch_size": batch_size}, weights=weights, rep=rep)
         rep({"event": "log", "message": describe("canvas", cfg)})
         try:
             summary = upscale_canvas(ckpt, out, vqgan=vqgan, seed=seed, weights=weights, device=device,

@@ -56,17 +56,14 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Inpaint a region (mask PNG or boxes) or outpaint a border, with the paper's sampler."""
-        from uvq.checkpoint import find_prior, read_meta
-        from uvq.cli.sample import describe, generation_section
+        from uvq.cli.sample import describe, generation_setup
         from uvq.sampling.inpaint import inpaint_images
 
         apply_local(json_flag, debug)
         rep = reporter()
-        ckpt, where = find_prior(prior, run=run, recipe=recipe)
-        cfg = generation_section("inpaint", read_meta(ckpt), list(overrides or []), {
+        ckpt, _, cfg = generation_setup("inpaint", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "n": n, "steps": steps, "temp": temp, "dilate": dilate, "composite": composite or None,
-            "feather": feather})
-        rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
+            "feather": feather}, weights=weights, rep=rep)
         rep({"event": "log", "message": describe("inpaint", cfg)})
         try:
             summary = inpaint_images(

@@ -70,6 +70,23 @@ def generation_section(section: str, meta: dict[str, Any], overrides: list[str],
     return cfg
 
 
+def generation_setup(section: str, *, prior, run, recipe, overrides, shortcuts: dict[str, Any], weights: str,
+                     rep) -> tuple[Path, dict[str, Any], Any]:
+    """The prelude of `sample`, `upscale-canvas` and `inpaint`: check `--weights`, find the prior
+    checkpoint, resolve the command's section (`generation_section`) and log where the prior came
+    from. Returns (checkpoint, its meta, the section)."""
+    from uvq.checkpoint import find_prior, read_meta
+    from uvq.errors import UserError
+
+    if weights not in ("default", "ema", "model"):
+        raise UserError(f"--weights must be default, ema or model, not {weights!r}")
+    ckpt, where = find_prior(prior, run=run, recipe=recipe)
+    meta = read_meta(ckpt)
+    cfg = generation_section(section, meta, list(overrides or []), shortcuts)
+    rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
+    return ckpt, meta, cfg
+
+
 def describe(section: str, cfg: Any) -> str:
     """One log line with the resolved section (what the command will run with)."""
     return f"{section}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
@@ -100,20 +117,14 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Sample images with the paper's sampler (random order, 1/t reveals, exact reuse of passes)."""
-        from uvq.checkpoint import find_prior, find_vqgan, read_meta
-        from uvq.runtime import UserError
+        from uvq.checkpoint import find_vqgan
         from uvq.sampling.outputs import write_samples
 
         apply_local(json_flag, debug)
-        if weights not in ("default", "ema", "model"):
-            raise UserError(f"--weights must be default, ema or model, not {weights!r}")
         rep = reporter()
-        ckpt, where = find_prior(prior, run=run, recipe=recipe)
-        meta = read_meta(ckpt)
-        cfg = generation_section("sample", meta, list(overrides or []), {
+        ckpt, meta, cfg = generation_setup("sample", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "n": n, "steps": steps, "temp": temp, "batch_size": batch_size, "sampler": sampler,
-            "options.top_k": top_k, "options.top_p": top_p})
-        rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
+            "options.top_k": top_k, "options.top_p": top_p}, weights=weights, rep=rep)
         vq_path, _, vq_where = find_vqgan(meta, vqgan, allow_other_vqgan=cfg.allow_other_vqgan, progress=rep)
         rep({"event": "log", "message": f"vqgan: {vq_path} (from {vq_where})"})
         rep({"event": "log", "message": describe("sample", cfg)})
