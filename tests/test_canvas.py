@@ -290,7 +290,7 @@ def test_upscale_canvas_cli_and_one_line_errors(tmp_path, capsys):
         return info.value.code, cap.out, cap.err
 
     code, out, err = uvq("upscale-canvas", "--prior", str(prior_ckpt), "--latent-size", "8x12", "--steps", "8",
-                         "--n", "1", "--wrap", "--out", str(tmp_path / "c"), "--device", "cpu", "--json")
+                         "-n", "1", "--wrap", "--out", str(tmp_path / "c"), "--device", "cpu", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["canvas"]["pixels"] == [16, 24] and summary["canvas"]["wrap"] is True

@@ -156,7 +156,7 @@ def _long_command(which: str, tmp_path: Path, pair) -> list[str]:
         "pipeline": ["pipeline", "demo", *TINY_VQGAN, "--out", str(tmp_path / "out")],
         "encode": ["encode", "--vqgan", str(vq_ckpt), "--data", "demo", "data.demo_images=100000", "--batch-size", "2",
                    "--out", str(tmp_path / "out")],
-        "sample": ["sample", "--prior", str(prior_ckpt), "--n", "100000", "--batch-size", "1",
+        "sample": ["sample", "--prior", str(prior_ckpt), "-n", "100000", "--batch-size", "1",
                    "--out", str(tmp_path / "out")],
     }[which]
 

@@ -269,7 +269,7 @@ def test_inpaint_cli_and_one_line_errors(tmp_path, capsys):
         return info.value.code, cap.out, cap.err
 
     code, out, err = uvq("inpaint", str(image), "--box", "2,2,6,6", "--box", "10,10,12,12", "--prior", str(prior_ckpt),
-                         "--n", "2", "--steps", "16", "--out", str(tmp_path / "e"), "--device", "cpu", "--json")
+                         "-n", "2", "--steps", "16", "--out", str(tmp_path / "e"), "--device", "cpu", "--json")
     assert code == 0, err
     assert json.loads(out)["inputs"][0]["masked_latents"] == 4 + 1
     mask = save_mask(tmp_path / "wrong.png", torch.ones(8, 16, dtype=torch.bool))

@@ -318,7 +318,7 @@ def test_a_vqgan_that_is_not_the_priors_tokenizer_needs_an_explicit_flag(good):
 
 
 def test_the_sample_command_decodes_with_another_vqgan_only_when_the_recipe_allows_it(good, tmp_path):
-    args = ["sample", "--prior", str(good["prior"]), "--vqgan", str(good["vq1"]), "--n", "1", "--steps", "2",
+    args = ["sample", "--prior", str(good["prior"]), "--vqgan", str(good["vq1"]), "-n", "1", "--steps", "2",
             "--device", "cpu"]
     refused = run_uvq(*args, "--out", str(tmp_path / "refused"), cwd=tmp_path)
     assert refused.returncode == 2 and "has other weights" in refused.stderr, refused.stderr

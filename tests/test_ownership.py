@@ -85,7 +85,7 @@ def test_sample_into_its_own_prior_is_refused(tmp_path):
     _, prior_ckpt = make_checkpoints(tmp_path / "run")
     prior_run = tmp_path / "run" / "prior"
     before = _snapshot(prior_run)
-    proc = run_uvq("sample", "--prior", str(prior_run), "--out", str(prior_run), "--overwrite", "--n", "2",
+    proc = run_uvq("sample", "--prior", str(prior_run), "--out", str(prior_run), "--overwrite", "-n", "2",
                    "--device", "cpu")
     assert proc.returncode == 2 and "overlaps this command's own input" in proc.stderr, proc.stderr
     with pytest.raises(UserError, match="overlaps"):

@@ -464,7 +464,7 @@ def test_sample_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         (["--out", str(tmp_path / "used")], "not made by uvq"),
     ]
     for extra, message in bad:
-        code, _, err = _uvq_in_process(["sample", "--run", str(run), "--out", str(tmp_path / "s"), "--device", "cpu",
+        code, _, err = _uvq_in_process(["sample", "--run-dir", str(run), "--out", str(tmp_path / "s"), "--device", "cpu",
                                         *extra], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and lines[-1].startswith("error: ") and message in lines[-1], (extra, err)
@@ -501,7 +501,7 @@ def test_sample_cli_overrides_and_shortcuts_reach_the_sampler(tmp_path, capsys):
 
     make_checkpoints(tmp_path / "run")
     code, out, err = _uvq_in_process(["sample", "sample.sampler=maskgit_cosine.v1", "sample.options.choice_temp=2",
-                                      "--top-k", "3", "--n", "3", "--codes", "--run", str(tmp_path / "run"),
+                                      "--top-k", "3", "-n", "3", "--codes", "--run-dir", str(tmp_path / "run"),
                                       "--out", str(tmp_path / "s"), "--device", "cpu", "--json"], capsys)
     assert code == 0, err
     summary = json.loads(out)

@@ -497,7 +497,7 @@ def find_prior(prior: str | Path | None = None, *, run: str | Path | None = None
         return ckpt, f"--prior {prior}"
     if run is not None:
         if not Path(run).exists():
-            raise UserError(f"run directory {run} does not exist; give --run a pipeline or fit-prior run directory")
+            raise UserError(f"run directory {run} does not exist; give --run-dir a pipeline or fit-prior run directory")
         found = _prior_in(Path(run))
         if found is None:
             raise UserError(f"no prior checkpoint in run directory {run} (looked in {run}/prior and {run}); "
@@ -510,13 +510,13 @@ def find_prior(prior: str | Path | None = None, *, run: str | Path | None = None
             if (found := _prior_in(cand)) is not None:
                 return found, f"recipe {recipe} ({cand})"
         raise UserError(f"no trained prior for recipe {recipe} (looked in {', '.join(map(str, tried))}); "
-                        f"run `uvq pipeline {recipe}` first, or pass --prior / --run")
+                        f"run `uvq pipeline {recipe}` first, or pass --prior / --run-dir")
     here = Path(cwd or Path.cwd())
     for cand in (here, here.parent):
         if (found := _prior_in(cand)) is not None:
             return found, f"the current directory ({cand})"
     raise UserError("no prior checkpoint given and none in the current directory; pass --prior CKPT, "
-                    "--run DIR or --recipe NAME")
+                    "--run-dir DIR or --recipe NAME")
 
 
 def find_vqgan(prior_meta: dict[str, Any], vqgan: str | Path | None = None, *, allow_other_vqgan: bool = False,

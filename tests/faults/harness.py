@@ -45,7 +45,7 @@ TINY = [
     "sample.n=16", "sample.steps=8", "sample.batch_size=4",
 ]
 CODEBOOK = 16  # K of TINY
-SAMPLE = ["--n", "64", "--steps", "8", "--batch-size", "4", "--seed", "0"]
+SAMPLE = ["-n", "64", "--steps", "8", "--batch-size", "4", "--seed", "0"]
 
 EXIT_ON = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell's convention
 

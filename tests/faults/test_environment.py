@@ -45,7 +45,7 @@ def test_full_disk_is_one_line_naming_the_path(command, small_disk, request):
             args = ["encode", "--vqgan", str(trained["vqgan"]), "--out", str(out), "--recipe", "demo", *TINY,
                     "data.demo_images=2048", *CPU]
         else:
-            args = ["sample", "--prior", str(trained["prior"]), "--out", str(out), *SAMPLE, "--n", "2000", *CPU]
+            args = ["sample", "--prior", str(trained["prior"]), "--out", str(out), *SAMPLE, "-n", "2000", *CPU]
     done = uvq(*args, cwd=REPO)
     assert_one_line_refusal(done.returncode, done.stderr)
     assert str(small_disk) in done.stderr, f"the message does not name the full path: {done.stderr[-500:]}"

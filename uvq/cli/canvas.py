@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         vqgan: str = VqganOpt,
         size: str = typer.Option(None, "--size", help="canvas.size: HxW pixels (multiples of the VQGAN's downsampling)."),
         latent_size: str = typer.Option(None, "--latent-size", help="canvas.latent_size: hxw latents."),
-        n: int = typer.Option(None, "--n", help="canvas.n: number of canvases."),
+        n: int = typer.Option(None, "-n", "--count", help="canvas.n: number of canvases."),
         steps: int = typer.Option(None, "--steps", help="canvas.steps: step budget (unset: the prior's N tokens; "
                                   "with --order raster, one step per canvas token)."),
         temp: float = typer.Option(None, "--temp", help="canvas.temp: temperature applied to the window mixture."),

@@ -37,9 +37,9 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the contents of 
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON summary on stdout; progress as JSON lines on stderr.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 # Where the sampling commands (sample, upscale-canvas, inpaint) take their models from.
-PriorOpt = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run, "
+PriorOpt = typer.Option(None, "--prior", help="Prior checkpoint or run directory (default: from --run-dir, "
                         "--recipe or the current directory).")
-PriorRunOpt = typer.Option(None, "--run", help="A pipeline or fit-prior run directory to take the prior from.")
+PriorRunOpt = typer.Option(None, "--run-dir", help="A pipeline or fit-prior run directory to take the prior from.")
 PriorRecipeOpt = typer.Option(None, "--recipe", help="Recipe (YAML path or packaged name) whose pipeline run "
                               "(runs/<name>) holds the prior.")
 VqganOpt = typer.Option(None, "--vqgan", help="VQGAN checkpoint (default: the one in the prior's provenance).")

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         run: Path = PriorRunOpt,
         recipe: str = PriorRecipeOpt,
         vqgan: str = VqganOpt,
-        n: int = typer.Option(None, "--n", help="inpaint.n: completions per input."),
+        n: int = typer.Option(None, "-n", "--count", help="inpaint.n: completions per input."),
         steps: int = typer.Option(None, "--steps", help="inpaint.steps: step budget T of a full chain (unset: N "
                                   "tokens); the chain starts at round(T * masked / N)."),
         temp: float = typer.Option(None, "--temp", help="inpaint.temp: temperature of softmax(logits / temp)."),

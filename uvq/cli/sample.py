@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         run: Path = PriorRunOpt,
         recipe: str = PriorRecipeOpt,
         vqgan: str = VqganOpt,
-        n: int = typer.Option(None, "--n", help="sample.n: number of samples."),
+        n: int = typer.Option(None, "-n", "--count", help="sample.n: number of samples."),
         steps: int = typer.Option(None, "--steps", help="sample.steps: sampling steps S, 1..N (unset: N)."),
         temp: float = typer.Option(None, "--temp", help="sample.temp: temperature of softmax(logits / temp)."),
         batch_size: int = typer.Option(None, "--batch-size", help="sample.batch_size: samples per batch."),

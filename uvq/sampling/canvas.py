@@ -397,7 +397,7 @@ def sample_canvases(prior: torch.nn.Module, n: int, canvas: tuple[int, int], *, 
     Canvas i (global index start_index + i) uses the draws of sample i; kwargs as sample_canvas.
     """
     if n < 1 or batch_size < 1:
-        raise UserError("--n and --batch-size must be >= 1")
+        raise UserError("-n and --batch-size must be >= 1")
     device = torch.device(device)
     prior = prior.to(device).eval()
     stats = CanvasStats()
@@ -475,7 +475,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     t_begin = time.perf_counter()
     check_temp(temp)
     if n < 1 or batch_size < 1:
-        raise UserError("--n and --batch-size must be >= 1")
+        raise UserError("-n and --batch-size must be >= 1")
     _, options = bind_sampler(sampler, options, "canvas")
     order = options.get("order", "random")
     random_m = parse_window_choice(windows)

@@ -518,7 +518,7 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
     steps = n_tokens if steps is None else int(steps)
     _validate_sampling(n_tokens, steps, temp)
     if batch_size < 1 or n < 1:
-        raise UserError("--n and --batch-size must be >= 1")
+        raise UserError("-n and --batch-size must be >= 1")
     fn, options = bind_sampler(sampler, options)
     if latent_shape is None and vqgan is not None and hasattr(vqgan, "latent_shape"):
         latent_shape = tuple(vqgan.latent_shape)

@@ -310,7 +310,7 @@ def inpaint_tokens(prior: torch.nn.Module, known: torch.Tensor, mask: torch.Tens
     if not 1 <= steps <= n_tokens:
         raise UserError(f"--steps must be between 1 and the {n_tokens} tokens of the grid (got {steps})")
     if n < 1:
-        raise UserError(f"--n must be >= 1 (got {n})")
+        raise UserError(f"-n must be >= 1 (got {n})")
     t0 = start_time(n_masked, n_tokens, steps)
     mask_id = int(prior.mask_id)
     x = torch.where(mask.to(known.device), torch.full_like(known, mask_id), known)  # [h', w']
@@ -380,7 +380,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     t_begin = time.perf_counter()
     check_temp(temp)
     if n < 1:
-        raise UserError(f"--n must be >= 1 (got {n})")
+        raise UserError(f"-n must be >= 1 (got {n})")
     _, options = bind_sampler(sampler, options, "inpaint")
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
