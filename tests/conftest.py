@@ -76,3 +76,40 @@ def run_uvq_process(*args: str, cwd: str | Path | None = None, env: dict | None 
 @pytest.fixture
 def uvq_cli():
     return run_uvq
+
+
+def _chromium() -> tuple[str, str] | None:
+    """Debian's chromium and chromium-driver (installed by .ci/run), or None."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A real headless Chromium driven by Selenium (docs/app.md, docs/reports.md).
+
+    Skips with the install line where the browser or its driver is missing: .ci/run installs
+    both (`apt-get install -y chromium chromium-driver`).
+    """
+    found = _chromium()
+    if found is None:
+        pytest.skip("no chromium/chromedriver: apt-get install -y chromium chromium-driver")
+    selenium = pytest.importorskip("selenium", reason="selenium missing: pip install -e '.[dev]'")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    del selenium
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
