@@ -35,6 +35,6 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Quick CPU benchmarks (figures and ratios; never pass/fail)."""
+    """`uvq bench all --quick` on the CPU: every figure once, small (figures and ratios; never pass/fail)."""
     session.install("-e", ".")
-    session.run("uvq", "bench", "sample", "--quick")
+    session.run("uvq", "bench", "all", "--quick", "--device", "cpu")

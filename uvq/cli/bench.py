@@ -6,14 +6,20 @@ same run a literal reference: the authors' loop (fp32, plain attention with sepa
 and value projections, torch.distributions.Categorical over every position, the network on
 every sample at every step). `benchmarks/bench_sampling.py` runs the same function.
 
-The group is meant to grow: later subcommands add GPU tuning (compile modes, batch sweeps).
+`uvq bench all` runs every figure the tool promises in one process (sampling at 256, 100 and 50
+steps with a batch sweep and eager / compiled / CUDA-graph variants on CUDA, decoding, prior and
+VQGAN training, the 512x512 canvas, PRDC at 50k, Inception extraction, and on the CPU the
+precision and compile comparison of one pass) and writes one JSON and one Markdown table with the
+ratios to the authors' code (docs/performance.md). `benchmarks/gpu.sh` runs it on a GPU machine.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from uvq.cli.common import DebugOpt, DeviceOpt, JsonOpt, apply_local, emit, reporter
+from uvq.cli.common import DebugOpt, DeviceOpt, JsonOpt, OverwriteOpt, apply_local, emit, reporter
 
 
 def register(app: typer.Typer) -> None:
@@ -47,3 +53,42 @@ def register(app: typer.Typer) -> None:
         result = bench_sampling(device=device, quick=quick, sizes=list(size or []) or None, steps=list(steps or []) or None,
                                 batch=batch, ref_steps=ref_steps, precision=precision, compile=compile_, progress=rep)
         emit(result, human=format_table(result))
+
+    @bench_app.command("all")
+    def bench_all_cmd(
+        quick: bool = typer.Option(False, "--quick", help="A short run (small sizes, few steps): CI on the CPU."),
+        group: list[str] = typer.Option(None, "--group", help="Run only these groups (default: all)."),
+        out: Path = typer.Option(None, "--out", "-o", help="Write bench.json and bench.md here."),
+        budget: float = typer.Option(None, "--budget", help="Seconds after which the groups left are skipped "
+                                     "(default 420 on CUDA, none on the CPU)."),
+        device: str = DeviceOpt,
+        overwrite: bool = OverwriteOpt,
+        json_flag: bool = JsonOpt,
+        debug: bool = DebugOpt,
+    ) -> None:
+        """Every speed figure in one report: JSON and a Markdown table with ratios to the authors' code."""
+        from uvq.bench import GROUPS, bench_all, format_markdown
+        from uvq.files import atomic_write_json, atomic_write_text, claim_out_dir
+        from uvq.runtime import UserError, resolve_device
+
+        apply_local(json_flag, debug)
+        bad = [g for g in group or [] if g not in GROUPS]
+        if bad:
+            raise UserError(f"--group {bad[0]!r} is not a benchmark group; valid: {', '.join(GROUPS)}")
+        if budget is not None and not budget > 0:
+            raise UserError(f"--budget must be a positive number of seconds (got {budget})")
+        resolve_device(device)
+        if out is not None:
+            claim_out_dir(out, command="bench all", overwrite=overwrite, entries=("bench.json", "bench.md"),
+                          lock=False)
+        rep = reporter()
+        try:
+            result = bench_all(device=device, quick=quick, only=list(group or []) or None, budget_s=budget,
+                               progress=rep)
+        finally:
+            rep.close()
+        table = format_markdown(result)
+        if out is not None:
+            atomic_write_json(Path(out) / "bench.json", result)
+            atomic_write_text(Path(out) / "bench.md", table + "\n")
+        emit(result, human=table)
