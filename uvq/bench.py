@@ -571,7 +571,40 @@ def cpu_passes(*, quick: bool = False, compile: bool | None = None, repeats: int
     if not compile:
         rows.append(_skipped("CPU pass", "prior pass, compiled fp32 (inductor)", f"{size}, batch {b}", "CPU-s",
                              "skipped with --quick: inductor takes minutes to compile on a small CPU"))
-    return rows
+    return rows + _cpu_canvas_passes(net, pc, repeats)
+
+
+def _cpu_canvas_passes(net: nn.Module, pc, repeats: int) -> list[dict[str, Any]]:
+    """One canvas step (Eq. 8's mixture over every window of an all-masked canvas) in fp32 and under bf16
+    autocast, interleaved: the canvas pass is the prior's pass over a batch of windows, plus the mixture."""
+    from uvq.sampling.canvas import WindowMixture, make_windows
+
+    h, w = pc.latent_shape
+    canvas = (h + h // 2, w + w // 2)
+    windows = make_windows(canvas, (h, w), max(1, h // 4))
+    k = pc.codebook_size
+    x = torch.full((1, canvas[0] * canvas[1]), k, dtype=torch.long)
+
+    def bf16_net(t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(t)
+
+    mixtures = {"fp32": WindowMixture(net, windows, codebook_size=k, mask_id=k, max_batch=256),
+                "bf16 autocast": WindowMixture(bf16_net, windows, codebook_size=k, mask_id=k, max_batch=256)}
+    spent = dict.fromkeys(mixtures, 0.0)
+    with torch.inference_mode():
+        base = mixtures["fp32"](x).float()
+        diff = {name: float((m(x).float() - base).abs().max()) for name, m in mixtures.items()}
+        for _ in range(repeats):
+            for name, m in mixtures.items():
+                t0 = time.process_time()
+                m(x)
+                spent[name] += time.process_time() - t0
+    setting = f"{canvas[0]}x{canvas[1]} latents, {len(windows)} windows"
+    fp32_s = spent["fp32"] / repeats
+    return [_row("CPU pass", f"canvas step, {name}", setting, spent[name] / repeats, "CPU-s",
+                 here=fp32_s / (spent[name] / repeats), here_label="fp32",
+                 note=f"max |log-mixture - fp32| {diff[name]:.2g}") for name in mixtures]
 
 
 GROUPS = {
