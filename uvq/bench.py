@@ -580,7 +580,7 @@ def _cpu_canvas_passes(net: nn.Module, pc, repeats: int) -> list[dict[str, Any]]
     from uvq.sampling.canvas import WindowMixture, make_windows
 
     h, w = pc.latent_shape
-    canvas = (h + h // 2, w + w // 2)
+    canvas = (h + h // 4, w + w // 4)  # 2 x 2 windows at stride h/4: a small canvas, the same kind of pass
     windows = make_windows(canvas, (h, w), max(1, h // 4))
     k = pc.codebook_size
     x = torch.full((1, canvas[0] * canvas[1]), k, dtype=torch.long)
