@@ -567,7 +567,7 @@ def cpu_passes(*, quick: bool = False, compile: bool | None = None, repeats: int
         sec = spent[name] / repeats
         rows.append(_row("CPU pass", f"prior pass, {name}", f"{size}, batch {b}", sec, "CPU-s",
                          here=ref_s / sec, here_label="authors' network fp32",
-                         note=f"max |logit - fp32| {diff[name]:.2g}"))
+                         note=f"largest logit difference from fp32: {diff[name]:.2g}"))
     if not compile:
         rows.append(_skipped("CPU pass", "prior pass, compiled fp32 (inductor)", f"{size}, batch {b}", "CPU-s",
                              "skipped with --quick: inductor takes minutes to compile on a small CPU"))
@@ -604,7 +604,7 @@ def _cpu_canvas_passes(net: nn.Module, pc, repeats: int) -> list[dict[str, Any]]
     fp32_s = spent["fp32"] / repeats
     return [_row("CPU pass", f"canvas step, {name}", setting, spent[name] / repeats, "CPU-s",
                  here=fp32_s / (spent[name] / repeats), here_label="fp32",
-                 note=f"max |log-mixture - fp32| {diff[name]:.2g}") for name in mixtures]
+                 note=f"largest log-mixture difference from fp32: {diff[name]:.2g}") for name in mixtures]
 
 
 GROUPS = {
