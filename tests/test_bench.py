@@ -69,6 +69,7 @@ def test_bench_all_quick_through_gpu_script_writes_json_and_table(tmp_path):
     header = lines.index(next(line for line in lines if line.startswith("| group |")))
     body = [line for line in lines[header + 2:] if line.startswith("| ")]
     assert len(body) == len(rows)
+    assert all(line.replace("\\|", "").count("|") == 10 for line in body)  # 9 cells in every line
     assert "vs authors' H200" in lines[header] and "uvq bench all --quick" in lines[0]
     assert "wrote" in done.stdout
 

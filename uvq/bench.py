@@ -668,8 +668,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         here = f"{r['vs_here']:.2f}x ({r['vs_here_label']})" if r["vs_here"] is not None else "-"
         anchor = f"{_fmt(r['anchor'])} ({r['anchor_label']})" if r["anchor"] is not None else "-"
         vs = f"{r['vs_anchor']:.2f}x" if r["vs_anchor"] is not None else "-"
-        lines.append(f"| {r['group']} | {r['what']} | {r['setting']} | {_fmt(r['value'])} | {r['unit']} | {here} "
-                     f"| {anchor} | {vs} | {r['note']} |")
+        cells = [r["group"], r["what"], r["setting"], _fmt(r["value"]), r["unit"], here, anchor, vs, r["note"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += ["", "vs authors here: against the authors' loop or network in this run; vs authors' H200: against "
               "the authors' code measured on an H200 (docs/performance.md), meaningful on an H200 only."]
     return "\n".join(lines)
