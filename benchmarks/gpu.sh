@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every speed figure of uvq on a GPU machine, in one run: `uvq bench all` (about 8 minutes on an
-# H200), writing bench.json and bench.md (the Markdown table for docs/performance.md) to $OUT_DIR.
+# H200, sized from the authors' figures; not yet run on one), writing bench.json and bench.md (the Markdown table for docs/performance.md) to $OUT_DIR.
 #
 #   bash benchmarks/gpu.sh                          # -> bench-gpu/bench.{json,md}
 #   OUT_DIR=/scratch/bench bash benchmarks/gpu.sh   # elsewhere
