@@ -127,7 +127,7 @@ def finetune_head(vqgan: torch.nn.Module, batches: Iterator[torch.Tensor], *, bi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         progress({"event": "advance", "task": "fit likelihood head", "n": 1, "metrics": {"bits_per_dim": losses[-1]}})
     progress({"event": "end", "task": "fit likelihood head",
               "metrics": {"bits_per_dim": losses[-1] if losses else float("nan")}})
