@@ -427,6 +427,30 @@ class EvalConfig:
 
 
 @dataclass
+class BPDConfig:
+    """`uvq eval bpd`: full-model bits per dimension (paper section 4.1.1; docs/evaluation.md)."""
+
+    bits: int = 8  # pixel bit depth of the modelled data (the paper's FFHQ figure is at 5)
+    finetune_split: str = "train"  # the split the likelihood head is fitted on
+    finetune_steps: int = 200  # Adam steps on the head, everything else frozen
+    finetune_lr: float = 1e-3
+    batch_size: int = 16
+    estimator: str = "full"  # the prior's ELBO of the codes: full (all t) or mc (`draws` single-t draws)
+    draws: int = 16
+    flip_copies: bool = False  # also evaluate each image's mirror copy, grouped with it for the error
+
+    def validate(self, path: str) -> None:
+        _range(f"{path}.bits", self.bits, 1, 8)
+        _check(self.finetune_split in ("train", "val"),
+               f"{path}.finetune_split must be train or val (got {_short(self.finetune_split)})")
+        _range(f"{path}.finetune_steps", self.finetune_steps, 0)
+        _range(f"{path}.finetune_lr", self.finetune_lr, 0.0, 1.0, lo_open=True)
+        _range(f"{path}.batch_size", self.batch_size, 1)
+        _check(self.estimator in ("full", "mc"), f"{path}.estimator must be full or mc (got {_short(self.estimator)})")
+        _range(f"{path}.draws", self.draws, 1)
+
+
+@dataclass
 class RunConfig:
     """Periodic work of training loops."""
 
@@ -457,6 +481,7 @@ class Config:
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bpd: BPDConfig = field(default_factory=BPDConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

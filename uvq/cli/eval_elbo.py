@@ -76,4 +76,5 @@ def register(app: typer.Typer) -> None:
             report["csv"] = str(Path(out) / "elbo.csv")
         emit(report, human=f"negative ELBO over {result['num_images']} {split} images: {result['mean']:.4f} "
                            f"± {result['mean_stderr']:.4f} bits/token ({estimator} estimator; log2 K = "
-                           f"{result['log2_codebook']:.2f})" + (f"\nper-image values: {report['csv']}" if out else ""))
+                           f"{result['log2_codebook']:.2f}; error over {result['num_groups']} image groups, a mirror copy "
+                           f"with its image)" + (f"\nper-image values: {report['csv']}" if out else ""))

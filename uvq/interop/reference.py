@@ -304,9 +304,9 @@ def authors_loop(net: nn.Module, x: torch.Tensor, *, mask_id: int, steps: int, t
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)  # [B,N,K]
         reveal_rows += changes.any(1).sum()
-        probs = (logits.float() / temp).softmax(-1)
+        probs = (logits.float() / temp).double().softmax(-1)  # float64, as uvq's exact draw (docs/sampling.md)
         cdf = probs.cumsum(-1)
-        x_0_hat = (cdf <= u_value[..., None] * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # [B,N]
+        x_0_hat = (cdf <= u_value.double()[..., None] * cdf[..., -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)  # [B,N]
         x[changes] = x_0_hat[changes]
         run += 1
     return x, run, int(reveal_rows)

@@ -14,7 +14,7 @@ import torch
 from uvq.checkpoint import (
     resolve_checkpoint,
 )
-from uvq.prior.latents import check_tokenizer, iterate_latents, read_manifest
+from uvq.prior.latents import FLIP_SUFFIX, check_tokenizer, iterate_latents, read_manifest
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import (
     UserError,
@@ -31,6 +31,28 @@ VAL_SEED = 1234567  # the validation generator's seed: the same masks at every e
 # ---------------------------------------------------------------------------------------------
 
 
+def grouped_stderr(keys: list[str], values: torch.Tensor) -> tuple[float, int]:
+    """Standard error of the mean of `values` [n] with an image and its mirror copy as one group.
+
+    With `encode.flip_copies` a split holds "<key>" and "<key>.flip", two strongly correlated
+    values; counting them as independent understates the error. This is the cluster-robust
+    (sandwich) variance of a mean (Cameron and Miller 2015, "A Practitioner's Guide to
+    Cluster-Robust Inference", eq. 11 with the G/(G-1) factor):
+        SE^2 = G/(G-1) * sum_g (sum_{i in g} (y_i - mean))^2 / n^2    over the G groups,
+    which for groups of equal size is the spread of the group means over sqrt(G), and for groups
+    of one the usual std/sqrt(n). Returns (SE, G); SE is NaN with fewer than two groups.
+    """
+    groups: dict[str, int] = {}
+    index = torch.tensor([groups.setdefault(k.removesuffix(FLIP_SUFFIX), len(groups)) for k in keys],
+                         dtype=torch.int64)
+    g, n = len(groups), len(keys)
+    if g < 2:
+        return float("nan"), g
+    resid = values.double() - values.double().mean()  # [n]
+    sums = torch.zeros(g, dtype=torch.float64).index_add_(0, index, resid)  # [G]
+    return math.sqrt(g / (g - 1) * float((sums ** 2).sum()) / n ** 2), g
+
+
 @torch.no_grad()
 def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *, split: str = "val",
                    estimator: str = "mc", draws: int = 16, batch_size: int = 64, max_samples: int | None = None,
@@ -43,7 +65,8 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
     estimate), averaged. Both are unbiased for the same bound. The generator is seeded with
     `seed`, so repeated evaluations see the same masks and are comparable.
     Returns keys, per-image values and standard errors (NaN for "full"), their mean over images
-    and the standard error of that mean (the spread over images).
+    and the standard error of that mean (the spread over images, an image and its mirror copy
+    counted as one group: `grouped_stderr`).
     """
     progress = progress or null_progress
     device = torch.device(device)
@@ -81,10 +104,10 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
         errors_t = torch.cat([g[2] for g in gathered])
     n = len(values_t)
     mean = float(values_t.mean()) if n else float("nan")
-    stderr = float(values_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    stderr, groups = grouped_stderr(keys, values_t)
     progress({"event": "end", "task": task, "metrics": {"bits_per_token": mean, "stderr": stderr}})
     return {"keys": keys, "bits_per_token": values_t, "stderr": errors_t, "mean": mean, "mean_stderr": stderr,
-            "num_images": n, "estimator": estimator, "draws": draws if estimator == "mc" else None}
+            "num_images": n, "num_groups": groups, "estimator": estimator, "draws": draws if estimator == "mc" else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,20 +134,26 @@ def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "v
         raise UserError(f"tokenizer sha256 differs: prior {ckpt} was trained on codes of VQGAN "
                         f"{trained_on.get('sha256', '')[:12]}, but latents {latents_dir} come from "
                         f"{manifest['tokenizer'].get('sha256', '')[:12]}; its likelihood of other codes means nothing")
-    from uvq.config import PriorConfig, PriorTrainConfig, section_from_dict
-    from uvq.prior.absorbing import AbsorbingDiffusion
-
-    pcfg = section_from_dict(PriorConfig, pc, "model.prior")
-    tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
-    process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
-                                 T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
-                                 time_sampling="uniform")
+    process, info = absorbing_process(meta)
     result = elbo_per_image(model, process, manifest, split=split, estimator=estimator, draws=draws,
                             batch_size=batch_size, max_samples=max_samples, seed=seed, device=dev,
                             precision="fp32", rank=dist.rank, world_size=dist.world_size, progress=progress)
     result.update({"prior": str(ckpt), "weights": meta.get("default_weights") if weights == "default" else weights,
                    "prior_step": meta.get("step"), "latents": str(latents_dir), "split": split, "seed": seed,
-                   "T": process.T, "masking": tcfg.masking, "tokenizer": manifest.get("tokenizer") and
-                   manifest["tokenizer"].get("sha256"), "rank": dist.rank,
-                   "log2_codebook": math.log2(pcfg.codebook_size)})
+                   **info, "tokenizer": manifest.get("tokenizer") and
+                   manifest["tokenizer"].get("sha256"), "rank": dist.rank})
     return result
+
+
+def absorbing_process(meta: dict[str, Any]):
+    """The absorbing process a prior checkpoint was trained with (T, masking), for its ELBO:
+    (process, {"T", "masking", "log2_codebook"})."""
+    from uvq.config import PriorConfig, PriorTrainConfig, section_from_dict
+    from uvq.prior.absorbing import AbsorbingDiffusion
+
+    pcfg = section_from_dict(PriorConfig, meta["model_config"], "model.prior")
+    tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
+    process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
+                                 T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
+                                 time_sampling="uniform")
+    return process, {"T": process.T, "masking": tcfg.masking, "log2_codebook": math.log2(pcfg.codebook_size)}

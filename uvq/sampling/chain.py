@@ -88,16 +88,28 @@ class SampleRNG:
         return int(self.sample_ids.numel())
 
     def rand(self, *tail: int) -> torch.Tensor:
-        """FloatTensor[B, *tail] uniform in [0, 1) with 24-bit resolution; advances the counter."""
+        """DoubleTensor[B, *tail] uniform in [0, 1) with 53-bit resolution; advances the counter.
+
+        Two 32-bit hashes per element: the top 24 bits of the first and the top 29 of the second make
+        the 53 bits of a double's mantissa, so every double in k * 2**-53 is equally likely (the
+        standard 53-bit construction, e.g. numpy's random_standard_uniform). The first hash alone gave
+        the 24-bit uniforms of earlier versions, which are these values rounded down to 2**-24.
+        """
         n = math.prod(tail)
         if self._index is None or self._index.numel() != n:
             self._index = torch.arange(n, device=self.device, dtype=torch.int64)
         c = self.counter
         self.counter += 1
         call_key = mix32(self._keys ^ ((c * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B]
+        high = self._hash(call_key)  # [B, n]
+        low = self._hash(mix32(call_key ^ 0x68E31DA4))  # [B, n], an independent second stream
+        bits = (high >> 8) * (1 << 29) + (low >> 3)  # [B, n] integers below 2**53, exact in float64
+        return (bits.to(torch.float64) * (1.0 / (1 << 53))).reshape(len(self), *tail)
+
+    def _hash(self, call_key: torch.Tensor) -> torch.Tensor:
+        """32-bit hashes [B, n] of (call key, element index)."""
         h = mix32((call_key[:, None] + self._index[None, :] * 0x632BE5AB) & _MASK32)  # [B, n]
-        h = mix32(h ^ call_key[:, None])
-        return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(len(self), *tail)
+        return mix32(h ^ call_key[:, None])
 
     def select(self, index: torch.Tensor | Sequence[int]) -> SampleRNG:
         """A SampleRNG over a subset of the rows (row indices or a BoolTensor), at the same counter."""
@@ -169,11 +181,17 @@ def categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     One uniform per token (instead of K Gumbel draws) keeps the draw cheap and tied to our
     per-sample counter. Values of probability zero (filtered to -inf) are never drawn.
+
+    Exact to double precision (docs/sampling.md, "Exact draws"): the softmax, the cumulative sum
+    and the comparison run in float64 on 53-bit uniforms. A float32 CDF cannot resolve steps below
+    its spacing near 1 (2**-24, about 6e-8), so codes rarer than that were never drawn and the tail
+    was under-sampled (Zheng et al., ICLR 2025); in float64 the cumulative sum of K terms is off by
+    at most about K * 2**-53 (1e-13 for K = 1024), far below any probability a sample can show.
     """
-    probs = logits.float().softmax(-1)
+    probs = logits.double().softmax(-1)  # [M, K]
     cdf = probs.cumsum(-1)  # [M, K]
     total = cdf[:, -1:].contiguous()  # [M, 1]
-    idx = torch.searchsorted(cdf, u[:, None] * total, right=True)  # [M, 1]
+    idx = torch.searchsorted(cdf, u.double()[:, None] * total, right=True)  # [M, 1]
     last = torch.searchsorted(cdf, total, right=False)  # the last value of non-zero probability
     return torch.minimum(idx, last).squeeze(1)
 
@@ -326,7 +344,7 @@ def maskgit_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int
         logp = chosen.log_softmax(-1).gather(1, values[:, None]).squeeze(1)  # [M]
         r = (s + 1) / steps
         gumbel = -torch.log(-torch.log(u_choice[masked]))
-        confidence = torch.full(masked.shape, float("inf"), device=x.device)
+        confidence = torch.full(masked.shape, float("inf"), device=x.device, dtype=gumbel.dtype)  # float64 draws
         confidence[masked] = logp + choice_temp * (1.0 - r) * gumbel
         keep_masked = torch.floor(n0 * (math.cos(math.pi / 2 * r) / scale0)).long()  # [B]
         keep_masked = torch.minimum(keep_masked, (masked.sum(1) - 1).clamp_min(0))

@@ -23,6 +23,8 @@ importer drops the never-used tensors of same-width blocks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,6 +160,15 @@ class Encoder(nn.Module):
         return self.blocks[-1](x)
 
 
+def _likelihood_head(ch: int, out_channels: int) -> nn.Sequential:
+    """The official `logsigma` head: conv3x3, ReLU, conv1x1 to one log-std per output channel."""
+    return nn.Sequential(
+        nn.Conv2d(ch, ch, kernel_size=3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(ch, out_channels, kernel_size=1, stride=1, padding=0),
+    )
+
+
 class Decoder(nn.Module):
     """The authors' Generator: conv_in; mid (res, attn, res); per level, from the coarsest,
     `res_blocks` ResBlocks (each followed by attention at the attention resolutions) and an
@@ -192,11 +203,21 @@ class Decoder(nn.Module):
         blocks += [Normalize(ch), nn.Conv2d(ch, out_channels, kernel_size=3, stride=1, padding=1)]
         self.blocks = nn.ModuleList(blocks)
         if likelihood_head:
-            self.logsigma = nn.Sequential(
-                nn.Conv2d(ch, ch, kernel_size=3, stride=1, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(ch, out_channels, kernel_size=1, stride=1, padding=0),
-            )
+            self.logsigma = _likelihood_head(ch, out_channels)
+
+    def add_likelihood_head(self) -> nn.Module:
+        """Give a decoder built without it a fresh `logsigma` head (for `uvq eval bpd`); returns the head.
+
+        Its last conv starts at zero weight, so the log-std starts as the bias alone (set from the
+        data by the fine-tuning, uvq.evaluation.bpd); a decoder that has a head keeps it.
+        """
+        if not hasattr(self, "logsigma"):
+            ch, out = self.blocks[-1].in_channels, self.blocks[-1].out_channels
+            head = _likelihood_head(ch, out).to(self.blocks[-1].weight.device)
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+            self.logsigma = head
+        return self.logsigma
 
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """Everything up to the last conv: [B,in_channels,h,w] -> [B,nf*ch_mult[0],H,W]."""
@@ -339,6 +360,20 @@ class VQGAN(nn.Module):
             z_q = self.post_quant_conv(z_q)
         y = self.decoder(z_q)
         return (y + 1.0) * 0.5 if self.signed_io else y
+
+    def decode_gaussian(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LongTensor[B,h,w] -> (mean [B,3,H,W] in the [0,1] image scale, log-std [B,3,H,W] in that scale).
+
+        The decoder's likelihood head (method 6); with `signed_io` the network's [-1,1] scale is
+        halved into [0,1], so the log-std drops by log 2.
+        """
+        z_q = self.quantize.lookup(codes)
+        if self.post_quant_conv is not None:
+            z_q = self.post_quant_conv(z_q)
+        mean, log_std = self.decoder.probabilistic(z_q)
+        if self.signed_io:
+            return (mean + 1.0) * 0.5, log_std - math.log(2.0)
+        return mean, log_std
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """LongTensor[B,h,w] -> [B,3,H,W] through the codebook entries."""
