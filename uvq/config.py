@@ -159,6 +159,7 @@ class PriorConfig:
     codebook_size: int = 1024  # K; must equal model.vqgan.codebook_size
     latent_shape: list[int] = field(default_factory=lambda: [16, 16])  # must equal the VQGAN's
     dropout: float = 0.0
+    causal: bool = False  # causal attention in raster order: the autoregressive baseline (paper 4.2)
 
     @property
     def n_tokens(self) -> int:
@@ -252,7 +253,8 @@ class PriorTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    loss: str = "reweighted_elbo.v1"  # registry name in "prior_losses"
+    process: str = "absorbing.v1"  # registry name in "processes": absorbing.v1 or autoregressive.v1
+    loss: str = "reweighted_elbo.v1"  # registry name in "prior_losses" (absorbing process only)
     masking: Literal["random", "fixed"] = "random"
     time_sampling: Literal["uniform", "importance"] = "uniform"
     T: int | None = None  # diffusion steps; None: the number of tokens N (256 in the paper)
@@ -472,6 +474,12 @@ class Config:
         _check(tuple(prior.latent_shape) == vq.latent_shape,
                f"model.prior.latent_shape {list(prior.latent_shape)} must equal the VQGAN's latent shape "
                f"{list(vq.latent_shape)} (img_size / 2**(len(ch_mult)-1))")
+        process = self.prior_train.process
+        _check(process != "autoregressive.v1" or prior.causal,
+               "prior_train.process autoregressive.v1 needs a causal network: set model.prior.causal: true")
+        _check(process != "absorbing.v1" or not prior.causal,
+               "prior_train.process absorbing.v1 needs a bidirectional network: set model.prior.causal: false "
+               "(or prior_train.process: autoregressive.v1)")
         return self
 
 

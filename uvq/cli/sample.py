@@ -82,6 +82,10 @@ def generation_setup(section: str, *, prior, run, recipe, overrides, shortcuts: 
         raise UserError(f"--weights must be default, ema or model, not {weights!r}")
     ckpt, where = find_prior(prior, run=run, recipe=recipe)
     meta = read_meta(ckpt)
+    if section in ("canvas", "inpaint"):  # an AR prior cannot fill regions with known tokens after them
+        from uvq.prior.autoregressive import refuse_autoregressive
+
+        refuse_autoregressive({"canvas": "upscale-canvas", "inpaint": "inpaint"}[section], meta=meta)
     cfg = generation_section(section, meta, list(overrides or []), shortcuts)
     rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
     return ckpt, meta, cfg

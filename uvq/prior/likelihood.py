@@ -1,4 +1,5 @@
-"""Likelihoods of the absorbing prior: the ELBO of a split (Eq. 6) per image in bits per token.
+"""Likelihoods of the priors per image in bits per token: the absorbing prior's ELBO (Eq. 6) of a
+split, and the autoregressive prior's exact NLL (paper section 4.2, Table 4).
 
 Used by the validation of `fit-prior` and by `uvq eval elbo` (`evaluate_elbo`); see docs/method.md section 6.
 """
@@ -42,6 +43,8 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
     "mc": `draws` single-t draws t ~ U{1..T}, each T/t * CE_masked(t) (Eq. 6's one-sample
     estimate), averaged. Both are unbiased for the same bound. The generator is seeded with
     `seed`, so repeated evaluations see the same masks and are comparable.
+    "exact": the autoregressive prior's negative log-likelihood (`process` an
+    `uvq.prior.autoregressive.AutoregressiveProcess`), no bound and no draws: per-image errors are 0.
     Returns keys, per-image values and standard errors (NaN for "full"), their mean over images
     and the standard error of that mean (the spread over images).
     """
@@ -57,13 +60,18 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
                                  max_samples=max_samples):
         x0 = batch["codes"].flatten(1).to(device)  # [B, N]
         with amp_context(device, precision):
-            if estimator == "full":
+            if estimator == "exact":
+                if not getattr(process, "exact", False):
+                    raise UserError("the exact estimator needs an autoregressive prior; an absorbing one has an ELBO")
+                v = process.nll(model, x0)  # [B] bits/token
+                e = torch.zeros_like(v)
+            elif estimator == "full":
                 v = process.elbo_full_sum(model, x0, generator=generator)  # [B] bits/token
                 e = torch.full_like(v, float("nan"))
             elif estimator == "mc":
                 v, e = process.elbo_monte_carlo(model, x0, n_draws=draws, generator=generator)  # [B], [B]
             else:
-                raise UserError(f"estimator must be full or mc, not {estimator!r}")
+                raise UserError(f"estimator must be full, mc or exact, not {estimator!r}")
         keys += batch["key"]
         values.append(v.float().cpu())
         errors.append(e.float().cpu())
@@ -113,18 +121,27 @@ def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "v
                         f"{manifest['tokenizer'].get('sha256', '')[:12]}; its likelihood of other codes means nothing")
     from uvq.config import PriorConfig, PriorTrainConfig, section_from_dict
     from uvq.prior.absorbing import AbsorbingDiffusion
+    from uvq.prior.autoregressive import NAME as AUTOREGRESSIVE
+    from uvq.prior.autoregressive import AutoregressiveProcess, process_name
 
     pcfg = section_from_dict(PriorConfig, pc, "model.prior")
     tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
-    process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
-                                 T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
-                                 time_sampling="uniform")
+    exact = process_name(meta) == AUTOREGRESSIVE or pcfg.causal
+    if exact:  # the AR prior's likelihood is exact: no bound, no masking draws (estimator and draws do not apply)
+        process = AutoregressiveProcess(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size)
+        estimator = "exact"
+    else:
+        process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
+                                     T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
+                                     time_sampling="uniform")
     result = elbo_per_image(model, process, manifest, split=split, estimator=estimator, draws=draws,
                             batch_size=batch_size, max_samples=max_samples, seed=seed, device=dev,
                             precision="fp32", rank=dist.rank, world_size=dist.world_size, progress=progress)
     result.update({"prior": str(ckpt), "weights": meta.get("default_weights") if weights == "default" else weights,
                    "prior_step": meta.get("step"), "latents": str(latents_dir), "split": split, "seed": seed,
-                   "T": process.T, "masking": tcfg.masking, "tokenizer": manifest.get("tokenizer") and
+                   "process": AUTOREGRESSIVE if exact else "absorbing.v1", "exact": exact,
+                   "T": None if exact else process.T, "masking": None if exact else tcfg.masking,
+                   "tokenizer": manifest.get("tokenizer") and
                    manifest["tokenizer"].get("sha256"), "rank": dist.rank,
                    "log2_codebook": math.log2(pcfg.codebook_size)})
     return result
