@@ -128,6 +128,8 @@ def test_recipe_pairs_the_process_with_the_network():
         load_config(None, ["model.prior.causal=true"])
     with pytest.raises(UserError, match="valid names"):
         load_config(None, ["prior_train.process=autoregresive.v1"])
+    with pytest.raises(ConfigError, match="sample.steps=null"):
+        load_config("demo", ["prior_train.process=autoregressive.v1", "model.prior.causal=true"])
     cfg = load_config(None, ["prior_train.process=autoregressive.v1", "model.prior.causal=true"])
     process = registry.get("processes", cfg.prior_train.process)(cfg.model.prior, cfg.prior_train)
     assert isinstance(process, AutoregressiveProcess) and PriorConfig().causal is False

@@ -1,4 +1,4 @@
-"""The autoregressive baseline's process over VQGAN tokens (paper section 4.2, Table 4; docs/method.md section 7).
+"""The autoregressive baseline's process over VQGAN tokens (paper section 4.2, Table 4; docs/method.md section 9).
 
 The paper compares the absorbing prior with an autoregressive prior that uses the same transformer
 with causal attention over the raster order of the code grid. Its likelihood factorises exactly,

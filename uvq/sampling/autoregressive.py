@@ -1,4 +1,4 @@
-"""Sampling the autoregressive baseline token by token in raster order (paper section 4.2; docs/method.md section 7).
+"""Sampling the autoregressive baseline token by token in raster order (paper section 4.2; docs/method.md section 9).
 
 For i = 0 .. N-1 the value of position i is drawn from softmax(filter(logits_i / temp)), where
 logits_i is the causal network's output at i, a function of the tokens before i only. With the
@@ -19,36 +19,14 @@ from collections.abc import Iterator
 
 import torch
 
-from uvq.runtime import UserError, amp_context
+from uvq.runtime import amp_context
 from uvq.sampling.chain import (
-    DEFAULT_SAMPLER,
     ChainStep,
     Filter,
     SampleRNG,
     categorical,
     check_temp,
 )
-
-OPTIONS = ("top_k", "top_p")  # the sample.options an autoregressive prior takes
-
-
-def check_autoregressive_sampling(n_tokens: int, steps: int | None, sampler: str, options: dict | None,
-                                  path: str = "sample") -> None:
-    """Refuse settings that mean nothing token by token, one line naming the key (before any write).
-
-    The step count is N (one token per step); `sample.sampler` names an absorbing-chain sampler,
-    so only the default (which the recipe carries whether or not it was asked for) is accepted.
-    """
-    if steps is not None and int(steps) != n_tokens:
-        raise UserError(f"{path}.steps is {steps}, but an autoregressive prior draws one token per step: leave it "
-                        f"unset (N = {n_tokens})")
-    if sampler != DEFAULT_SAMPLER:
-        raise UserError(f"{path}.sampler {sampler} is an absorbing-chain sampler; an autoregressive prior is sampled "
-                        f"token by token in raster order: leave {path}.sampler unset")
-    bad = sorted(key for key in (options or {}) if key not in OPTIONS)
-    if bad:
-        raise UserError(f"{path}.options.{bad[0]} does not apply to an autoregressive prior; its options: "
-                        f"{', '.join(OPTIONS)}")
 
 
 def autoregressive_chain(prior: torch.nn.Module, x: torch.Tensor, *, temp: float, rng: SampleRNG,
@@ -104,4 +82,4 @@ def autoregressive_tokens(prior: torch.nn.Module, x: torch.Tensor, **kwargs) -> 
     return last.x, {"network_passes": last.network_passes, "predict_calls": last.predict_calls, "steps": steps}
 
 
-__all__ = ["OPTIONS", "autoregressive_chain", "autoregressive_tokens", "check_autoregressive_sampling"]
+__all__ = ["autoregressive_chain", "autoregressive_tokens"]

@@ -522,7 +522,8 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
     fn, options = bind_sampler(sampler, options)
     causal = bool(getattr(prior, "causal", False))
     if causal:  # the autoregressive baseline: token by token with the KV cache (uvq.sampling.autoregressive)
-        from uvq.sampling.autoregressive import autoregressive_tokens, check_autoregressive_sampling
+        from uvq.config import check_autoregressive_sampling
+        from uvq.sampling.autoregressive import autoregressive_tokens
 
         check_autoregressive_sampling(n_tokens, steps, sampler if isinstance(sampler, str) else "", options)
     if latent_shape is None and vqgan is not None and hasattr(vqgan, "latent_shape"):

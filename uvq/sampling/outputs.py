@@ -66,7 +66,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     _validate_sampling(n_tokens, steps, temp)
     bind_sampler(sampler, options)  # an unknown sampler or option fails before anything is written
     if prior_meta["model_config"].get("causal"):  # the autoregressive baseline samples token by token
-        from uvq.sampling.autoregressive import check_autoregressive_sampling
+        from uvq.config import check_autoregressive_sampling
 
         check_autoregressive_sampling(n_tokens, steps, sampler, options)
     vq_model = vq_meta = vq_weights = None
