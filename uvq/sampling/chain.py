@@ -526,6 +526,9 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
         from uvq.sampling.autoregressive import autoregressive_tokens
 
         check_autoregressive_sampling(n_tokens, steps, sampler if isinstance(sampler, str) else "", options)
+        if compile or cuda_graphs:
+            raise UserError("sample.compile and sample.cuda_graphs apply to the absorbing chain; an autoregressive "
+                            "prior runs its KV-cache steps uncompiled: set both false")
     if latent_shape is None and vqgan is not None and hasattr(vqgan, "latent_shape"):
         latent_shape = tuple(vqgan.latent_shape)
     if latent_shape is None:
