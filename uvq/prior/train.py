@@ -332,5 +332,6 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     return {"out_dir": str(run.path), "steps": step, "rank": dist.rank, "best": best,
             "last_val_bits_per_token": last_val.get("mean"), "last_checkpoint": str(last_ckpt) if last_ckpt else None,
             "tokenizer": tokenizer and tokenizer.get("sha256"), "vqgan": provenance["vqgan"],
-            "log2_codebook": math.log2(pc.codebook_size)}
+            "log2_codebook": math.log2(pc.codebook_size), "process": tc.process,
+            "val_metric": "exact NLL" if getattr(process, "exact", False) else "ELBO"}
 
