@@ -214,6 +214,16 @@ def test_ar_nll_approaches_the_markov_entropy_and_the_elbo_bounds_it(tmp_path, m
     print(f"\nentropy {entropy:.4f}; AR NLL {ar['mean']:.4f} ± {ar['mean_stderr']:.4f}; "
           f"absorbing ELBO {elbo['mean']:.4f} ± {elbo['mean_stderr']:.4f} bits/token")
 
+    # `uvq sample`'s library call samples it token by token (codes only: no VQGAN in this test),
+    # and refuses a step budget before it writes anything.
+    from uvq.sampling.outputs import write_samples
+
+    with pytest.raises(UserError, match="one token per step"):
+        write_samples(tmp_path / "ar", tmp_path / "bad", steps=8, images=False, codes=True, n=4, device="cpu")
+    assert not (tmp_path / "bad").exists()
+    done = write_samples(tmp_path / "ar", tmp_path / "smp", images=False, codes=True, n=4, temp=1.0, device="cpu")
+    assert done["sampler"].startswith("autoregressive") and done["network_passes_per_image"] == N
+
     # An AR prior is refused by upscale-canvas and inpaint with one line, exit 2, nothing written.
     res = uvq_cli("upscale-canvas", "--prior", str(tmp_path / "ar"), "--out", str(tmp_path / "canvas"))
     assert res.returncode == 2 and "section 4.5" in res.stderr and "Traceback" not in res.stderr

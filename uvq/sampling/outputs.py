@@ -122,7 +122,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         "seed": seed,
         "steps": steps,
         "temperature": temp,
-        "sampler": sampler,
+        # An autoregressive prior ignores the (default) absorbing sampler: record what ran.
+        "sampler": "autoregressive, raster order, KV cache" if prior_meta["model_config"].get("causal") else sampler,
         "sampler_options": dict(options or {}),
         "batch_size": batch_size,
         "device": str(dev),
