@@ -159,6 +159,7 @@ class PriorConfig:
     codebook_size: int = 1024  # K; must equal model.vqgan.codebook_size
     latent_shape: list[int] = field(default_factory=lambda: [16, 16])  # must equal the VQGAN's
     dropout: float = 0.0
+    causal: bool = False  # causal attention in raster order: the autoregressive baseline (paper 4.2)
 
     @property
     def n_tokens(self) -> int:
@@ -252,7 +253,8 @@ class PriorTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    loss: str = "reweighted_elbo.v1"  # registry name in "prior_losses"
+    process: str = "absorbing.v1"  # registry name in "processes": absorbing.v1 or autoregressive.v1
+    loss: str = "reweighted_elbo.v1"  # registry name in "prior_losses" (absorbing process only)
     masking: Literal["random", "fixed"] = "random"
     time_sampling: Literal["uniform", "importance"] = "uniform"
     T: int | None = None  # diffusion steps; None: the number of tokens N (256 in the paper)
@@ -497,7 +499,38 @@ class Config:
         _check(tuple(prior.latent_shape) == vq.latent_shape,
                f"model.prior.latent_shape {list(prior.latent_shape)} must equal the VQGAN's latent shape "
                f"{list(vq.latent_shape)} (img_size / 2**(len(ch_mult)-1))")
+        process = self.prior_train.process
+        _check(process != "autoregressive.v1" or prior.causal,
+               "prior_train.process autoregressive.v1 needs a causal network: set model.prior.causal: true")
+        _check(process != "absorbing.v1" or not prior.causal,
+               "prior_train.process absorbing.v1 needs a bidirectional network: set model.prior.causal: false "
+               "(or prior_train.process: autoregressive.v1)")
+        if process == "autoregressive.v1":  # the recipe's sample section travels with the prior
+            check_autoregressive_sampling(None, self.sample.steps, self.sample.sampler, self.sample.options)
         return self
+
+
+AR_SAMPLE_OPTIONS = ("top_k", "top_p")  # the sample.options an autoregressive prior takes
+
+
+def check_autoregressive_sampling(n_tokens: int | None, steps: int | None, sampler: str, options: dict | None,
+                                  path: str = "sample") -> None:
+    """The one rule for sampling an autoregressive prior (recipe load, `uvq sample`, library calls).
+
+    It draws one token per step in raster order, so the step count is N (`steps` unset, or N when
+    known); `sampler` names an absorbing-chain sampler, so only the default is accepted; of the
+    options, only the value filters apply. One ConfigError naming the key.
+    """
+    if steps is not None and int(steps) != n_tokens:
+        raise ConfigError(f"{path}.steps is {steps}, but an autoregressive prior draws one token per step: set "
+                          f"{path}.steps=null (N{'' if n_tokens is None else f' = {n_tokens}'} steps)")
+    if sampler != "absorbing.v1":
+        raise ConfigError(f"{path}.sampler {sampler} is an absorbing-chain sampler; an autoregressive prior is "
+                          f"sampled token by token in raster order: leave {path}.sampler unset")
+    bad = sorted(key for key in (options or {}) if key not in AR_SAMPLE_OPTIONS)
+    if bad:
+        raise ConfigError(f"{path}.options.{bad[0]} does not apply to an autoregressive prior; its options: "
+                          f"{', '.join(AR_SAMPLE_OPTIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ CATEGORIES: dict[str, str] = {
                       "patch logits [B, 1, h', w'] (model.discriminator.name)",
     "prior_losses": "loss(ce: [B], n_masked: [B], t: [B], T: int, N: int) -> [B]; the per-image training loss "
                     "of the absorbing prior from its masked cross-entropy in nats (prior_train.loss)",
+    "processes": "build(prior: PriorConfig, train: PriorTrainConfig) -> process; training_loss(model_fn, x0 [B, N]) "
+                 "-> {loss, elbo}, state_dict(), load_state_dict() (prior_train.process)",
     "priors": "build(cfg: PriorConfig) -> nn.Module; tokens [B, N] (mask id = K) -> logits [B, N, K] "
               "(model.prior.name)",
     "samplers": "sampler(x [B, N], predict, *, mask_id, steps, temp, rng, t_start=None, **options) -> "
@@ -52,6 +54,7 @@ BUILTIN_MODULES = (
     "uvq.vqgan.discriminator",
     "uvq.prior.model",
     "uvq.prior.absorbing",
+    "uvq.prior.autoregressive",
     "uvq.sampling.chain",
     "uvq.evaluation.features",
 )
@@ -161,6 +164,7 @@ CONFIG_NAMES = (
     ("model.discriminator.name", "discriminators"),
     ("model.prior.name", "priors"),
     ("prior_train.loss", "prior_losses"),
+    ("prior_train.process", "processes"),
     ("eval.feature_extractor", "feature_extractors"),
 )
 # Sections that name a sampler and its options (sample.sampler, sample.options, ...).

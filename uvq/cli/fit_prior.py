@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         json_flag: bool = JsonOpt,
         debug: bool = DebugOpt,
     ) -> None:
-        """Train the absorbing-diffusion prior (stage two) with validation ELBO and best-checkpoint selection."""
+        """Train the prior (stage two; absorbing, or autoregressive by prior_train.process) with validation and best-checkpoint selection."""
         from uvq.config import load_config, to_yaml
         from uvq.prior.train import check_fit_prior, fit_prior
         from uvq.runtime import shutdown_distributed
@@ -68,7 +68,8 @@ def register(app: typer.Typer) -> None:
             return
         best, last = summary["best"], summary["last_val_bits_per_token"]
         human = (f"trained {summary['steps']} steps in {summary['out_dir']}\n"
-                 + (f"validation ELBO: {last:.4f} bits/token " if last is not None else "validation ELBO: not run ")
+                 + (f"validation {summary['val_metric']}: {last:.4f} bits/token " if last is not None
+                    else f"validation {summary['val_metric']}: not run ")
                  + f"(untrained ~ log2 K = {summary['log2_codebook']:.2f}); best {best['val_bits_per_token']:.4f} "
                  f"at step {best['step']}\n"
                  f"checkpoint: {summary['last_checkpoint']}")

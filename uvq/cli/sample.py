@@ -82,6 +82,10 @@ def generation_setup(section: str, *, prior, run, recipe, overrides, shortcuts: 
         raise UserError(f"--weights must be default, ema or model, not {weights!r}")
     ckpt, where = find_prior(prior, run=run, recipe=recipe)
     meta = read_meta(ckpt)
+    if section in ("canvas", "inpaint"):  # an AR prior cannot fill regions with known tokens after them
+        from uvq.prior.autoregressive import refuse_autoregressive
+
+        refuse_autoregressive({"canvas": "upscale-canvas", "inpaint": "inpaint"}[section], meta=meta)
     cfg = generation_section(section, meta, list(overrides or []), shortcuts)
     rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
     return ckpt, meta, cfg
@@ -128,6 +132,9 @@ def register(app: typer.Typer) -> None:
         vq_path, _, vq_where = find_vqgan(meta, vqgan, allow_other_vqgan=cfg.allow_other_vqgan, progress=rep)
         rep({"event": "log", "message": f"vqgan: {vq_path} (from {vq_where})"})
         rep({"event": "log", "message": describe("sample", cfg)})
+        if (meta.get("model_config") or {}).get("causal"):
+            rep({"event": "log", "message": "an autoregressive prior: sampled token by token in raster order with a "
+                                            "KV cache (sample.sampler does not apply)"})
         if out is None:
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
             run_name = run_dir.parent.name if run_dir.name == "prior" else run_dir.name

@@ -146,13 +146,15 @@ def bpd_of_batch(prior: torch.nn.Module, process, vqgan: torch.nn.Module, x: tor
     """Images [B,3,H,W] in [0,1] -> per-image {"bpd", "prior_bits_per_token", "pixel_bits_per_dim"} [B].
 
     bpd = (N * nelbo + NLL / ln 2) / D: the prior's negative ELBO of the codes (bits per token,
-    N tokens) and the decoder's discretised Gaussian NLL (nats, D = 3HW dimensions).
+    N tokens; an autoregressive prior's exact NLL) and the decoder's discretised Gaussian NLL (nats, D = 3HW dimensions).
     """
     x = quantize_bits(x, bits)
     codes, h, mean = _mean_and_features(vqgan, x)
     pixel_bits = discretized_gaussian_nll(x, mean, _log_std(vqgan, h), bits).flatten(1).sum(1) / math.log(2.0)  # [B]
     tokens = codes.flatten(1)  # [B, N]
-    if estimator == "full":
+    if getattr(process, "exact", False):  # an autoregressive prior: its exact NLL, no bound
+        prior_bits = process.nll(prior, tokens).double()
+    elif estimator == "full":
         prior_bits = process.elbo_full_sum(prior, tokens, generator=generator).double()  # [B] bits/token
     else:
         prior_bits = process.elbo_monte_carlo(prior, tokens, n_draws=draws, generator=generator)[0].double()
@@ -223,7 +225,7 @@ def evaluate_bpd(prior: str | Path, data: str, out_dir: str | Path, *, cfg=None,
     from uvq.data.streams import iterate_images
     from uvq.files import atomic_write_bytes
     from uvq.prior.latents import FLIP_SUFFIX
-    from uvq.prior.likelihood import absorbing_process, grouped_stderr
+    from uvq.prior.likelihood import grouped_stderr, prior_process
     from uvq.runtime import resolve_device
 
     cfg = cfg or BPDConfig()
@@ -258,7 +260,7 @@ def evaluate_bpd(prior: str | Path, data: str, out_dir: str | Path, *, cfg=None,
         atomic_write_bytes(head_path, save_safetensors(tensors, metadata={"fingerprint": fingerprint}))
 
     # Bits per dimension of every image of the split (and of its mirror copy, when asked).
-    process, process_info = absorbing_process(pair.prior_meta)
+    process, process_info = prior_process(pair.prior_meta)
     generator = torch.Generator(device=dev).manual_seed(seed)
     keys: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {"bpd": [], "prior_bits_per_token": [], "pixel_bits_per_dim": []}
@@ -287,7 +289,8 @@ def evaluate_bpd(prior: str | Path, data: str, out_dir: str | Path, *, cfg=None,
     return {"keys": keys, **values, "mean": mean, "mean_stderr": stderr, "num_images": n, "num_groups": groups,
             "mean_prior_bits_per_token": float(values["prior_bits_per_token"].mean()),
             "mean_pixel_bits_per_dim": float(values["pixel_bits_per_dim"].mean()),
-            "bits": cfg.bits, "split": split, "data": str(data), "estimator": cfg.estimator,
+            "bits": cfg.bits, "split": split, "data": str(data),
+            "estimator": "exact" if process_info["exact"] else cfg.estimator,
             "draws": cfg.draws if cfg.estimator == "mc" else None, "seed": seed,
             "prior": str(pair.prior_meta["path"]), "prior_step": pair.prior_meta.get("step"),
             "vqgan": str(vq_meta["path"]), "vqgan_weights_sha256": vq_meta.get("weights_sha256"),

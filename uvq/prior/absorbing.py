@@ -347,6 +347,13 @@ class AbsorbingDiffusion:
         return mean.float(), stderr.float()
 
 
+@register("processes", "absorbing.v1")
+def build_absorbing(prior, train) -> AbsorbingDiffusion:
+    """prior_train.process: absorbing.v1 (the paper's; the default) with T, masking and time sampling."""
+    return AbsorbingDiffusion(n_tokens=prior.n_tokens, codebook_size=prior.codebook_size, T=train.diffusion_steps(prior),
+                              masking=train.masking, time_sampling=train.time_sampling)
+
+
 # ---------------------------------------------------------------------------------------------
 # Functional forms of the ELBO estimators (for `uvq eval elbo`)
 # ---------------------------------------------------------------------------------------------

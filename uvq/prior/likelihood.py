@@ -1,4 +1,5 @@
-"""Likelihoods of the absorbing prior: the ELBO of a split (Eq. 6) per image in bits per token.
+"""Likelihoods of the priors per image in bits per token: the absorbing prior's ELBO (Eq. 6) of a
+split, and the autoregressive prior's exact NLL (paper section 4.2, Table 4).
 
 Used by the validation of `fit-prior` and by `uvq eval elbo` (`evaluate_elbo`); see docs/method.md section 6.
 """
@@ -64,6 +65,8 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
     "mc": `draws` single-t draws t ~ U{1..T}, each T/t * CE_masked(t) (Eq. 6's one-sample
     estimate), averaged. Both are unbiased for the same bound. The generator is seeded with
     `seed`, so repeated evaluations see the same masks and are comparable.
+    "exact": the autoregressive prior's negative log-likelihood (`process` an
+    `uvq.prior.autoregressive.AutoregressiveProcess`), no bound and no draws: per-image errors are 0.
     Returns keys, per-image values and standard errors (NaN for "full"), their mean over images
     and the standard error of that mean (the spread over images, an image and its mirror copy
     counted as one group: `grouped_stderr`).
@@ -80,13 +83,18 @@ def elbo_per_image(model: torch.nn.Module, process, manifest: dict[str, Any], *,
                                  max_samples=max_samples):
         x0 = batch["codes"].flatten(1).to(device)  # [B, N]
         with amp_context(device, precision):
-            if estimator == "full":
+            if estimator == "exact":
+                if not getattr(process, "exact", False):
+                    raise UserError("the exact estimator needs an autoregressive prior; an absorbing one has an ELBO")
+                v = process.nll(model, x0)  # [B] bits/token
+                e = torch.zeros_like(v)
+            elif estimator == "full":
                 v = process.elbo_full_sum(model, x0, generator=generator)  # [B] bits/token
                 e = torch.full_like(v, float("nan"))
             elif estimator == "mc":
                 v, e = process.elbo_monte_carlo(model, x0, n_draws=draws, generator=generator)  # [B], [B]
             else:
-                raise UserError(f"estimator must be full or mc, not {estimator!r}")
+                raise UserError(f"estimator must be full, mc or exact, not {estimator!r}")
         keys += batch["key"]
         values.append(v.float().cpu())
         errors.append(e.float().cpu())
@@ -134,7 +142,9 @@ def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "v
         raise UserError(f"tokenizer sha256 differs: prior {ckpt} was trained on codes of VQGAN "
                         f"{trained_on.get('sha256', '')[:12]}, but latents {latents_dir} come from "
                         f"{manifest['tokenizer'].get('sha256', '')[:12]}; its likelihood of other codes means nothing")
-    process, info = absorbing_process(meta)
+    process, info = prior_process(meta)
+    if info["exact"]:  # the AR prior's likelihood is exact: no bound, no masking draws (estimator and draws do not apply)
+        estimator = "exact"
     result = elbo_per_image(model, process, manifest, split=split, estimator=estimator, draws=draws,
                             batch_size=batch_size, max_samples=max_samples, seed=seed, device=dev,
                             precision="fp32", rank=dist.rank, world_size=dist.world_size, progress=progress)
@@ -145,15 +155,26 @@ def evaluate_elbo(prior: str | Path, latents_dir: str | Path, *, split: str = "v
     return result
 
 
-def absorbing_process(meta: dict[str, Any]):
-    """The absorbing process a prior checkpoint was trained with (T, masking), for its ELBO:
-    (process, {"T", "masking", "log2_codebook"})."""
+def prior_process(meta: dict[str, Any]):
+    """The process a prior checkpoint was trained with, for its likelihood: (process, info).
+
+    Absorbing (T and masking from the checkpoint's recipe): an ELBO. Autoregressive: the exact
+    NLL (`process.exact`). info: {"process", "exact", "T", "masking", "log2_codebook"}.
+    """
     from uvq.config import PriorConfig, PriorTrainConfig, section_from_dict
     from uvq.prior.absorbing import AbsorbingDiffusion
+    from uvq.prior.autoregressive import NAME as AUTOREGRESSIVE
+    from uvq.prior.autoregressive import AutoregressiveProcess, process_name
 
     pcfg = section_from_dict(PriorConfig, meta["model_config"], "model.prior")
     tcfg = section_from_dict(PriorTrainConfig, (meta.get("config") or {}).get("prior_train") or {}, "prior_train")
+    log2_k = math.log2(pcfg.codebook_size)
+    if process_name(meta) == AUTOREGRESSIVE or pcfg.causal:
+        process = AutoregressiveProcess(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size)
+        return process, {"process": AUTOREGRESSIVE, "exact": True, "T": None, "masking": None,
+                         "log2_codebook": log2_k}
     process = AbsorbingDiffusion(n_tokens=pcfg.n_tokens, codebook_size=pcfg.codebook_size,
                                  T=tcfg.diffusion_steps(pcfg), masking=tcfg.masking,
                                  time_sampling="uniform")
-    return process, {"T": process.T, "masking": tcfg.masking, "log2_codebook": math.log2(pcfg.codebook_size)}
+    return process, {"process": "absorbing.v1", "exact": False, "T": process.T, "masking": tcfg.masking,
+                     "log2_codebook": log2_k}

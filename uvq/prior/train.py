@@ -122,12 +122,9 @@ def loss_by_t_plot(buckets: list[dict[str, float]], path: str | Path, *, title: 
 
 
 def _build(cfg: Config, device: torch.device):
-    from uvq.prior.absorbing import AbsorbingDiffusion
-
     pc, tc = cfg.model.prior, cfg.prior_train
     model = registry.get("priors", pc.name)(pc).to(device)
-    process = AbsorbingDiffusion(n_tokens=pc.n_tokens, codebook_size=pc.codebook_size, T=tc.diffusion_steps(pc),
-                                 masking=tc.masking, time_sampling=tc.time_sampling)
+    process = registry.get("processes", tc.process)(pc, tc)  # absorbing.v1 (the paper's) or autoregressive.v1
     return model, process
 
 
@@ -252,7 +249,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         was_training = model.training
         eval_model = ema.model if ema else model
         eval_model.eval()
-        result = elbo_per_image(eval_model, process, manifest, split="val", estimator="mc", draws=tc.val_draws,
+        estimator = "exact" if getattr(process, "exact", False) else "mc"  # the AR prior's NLL is exact
+        result = elbo_per_image(eval_model, process, manifest, split="val", estimator=estimator, draws=tc.val_draws,
                                 batch_size=tc.batch_size, max_samples=tc.val_batches * tc.batch_size,
                                 device=dev, precision=tc.precision, rank=dist.rank, world_size=dist.world_size)
         model.train(was_training)
@@ -309,15 +307,16 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         improved = False
         if step % tc.val_every == 0 or step == tc.steps:
             last_val = validate()
-            row.update({"val_elbo_bits_per_token": last_val["mean"], "val_stderr": last_val["mean_stderr"]})
-            progress({"event": "log", "message": f"step {step}: validation ELBO {last_val['mean']:.4f} "
+            name = getattr(process, "likelihood", "elbo")  # "nll" for the autoregressive prior
+            row.update({f"val_{name}_bits_per_token": last_val["mean"], "val_stderr": last_val["mean_stderr"]})
+            progress({"event": "log", "message": f"step {step}: validation {name.upper()} {last_val['mean']:.4f} "
                                                  f"± {last_val['mean_stderr']:.4f} bits/token"})
             if last_val["mean"] < best["val_bits_per_token"]:
                 best = {"step": step, "val_bits_per_token": last_val["mean"]}
                 improved = True
         if row:
             run.log_metrics(step, row)
-        if run.writes and (step % rc.image_every == 0 or step == target):
+        if run.writes and hasattr(process, "loss_by_time") and (step % rc.image_every == 0 or step == target):
             loss_by_t_plot(process.loss_by_time(buckets=min(32, process.T)), run.image_path("loss-by-t", step),
                            title=f"{tc.loss} by time step t, step {step}")
         if step % rc.ckpt_every == 0 or step == target or improved:
@@ -333,5 +332,6 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     return {"out_dir": str(run.path), "steps": step, "rank": dist.rank, "best": best,
             "last_val_bits_per_token": last_val.get("mean"), "last_checkpoint": str(last_ckpt) if last_ckpt else None,
             "tokenizer": tokenizer and tokenizer.get("sha256"), "vqgan": provenance["vqgan"],
-            "log2_codebook": math.log2(pc.codebook_size)}
+            "log2_codebook": math.log2(pc.codebook_size), "process": tc.process,
+            "val_metric": "exact NLL" if getattr(process, "exact", False) else "ELBO"}
 

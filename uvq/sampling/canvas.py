@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from uvq.prior.autoregressive import refuse_autoregressive
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.chain import (
@@ -342,6 +343,7 @@ def sample_canvas(prior: torch.nn.Module, x: torch.Tensor, *, steps: int, temp: 
     `latent_shape` attribute, else square). The prior and x must be on the same device. `sampler`
     (a registry name) runs with `options` (e.g. {"order": "raster"}, the authors' canvas order).
     """
+    refuse_autoregressive("a canvas or inpainting chain", prior=prior)
     progress = progress or null_progress
     stats = stats if stats is not None else CanvasStats()
     if x.ndim != 3:
@@ -481,6 +483,7 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     random_m = parse_window_choice(windows)
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
+    refuse_autoregressive("upscale-canvas", meta=prior_meta)  # before anything is written (paper section 4.5)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
     vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     downsample = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan").downsample

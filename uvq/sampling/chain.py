@@ -538,6 +538,15 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
     if batch_size < 1 or n < 1:
         raise UserError("-n and --batch-size must be >= 1")
     fn, options = bind_sampler(sampler, options)
+    causal = bool(getattr(prior, "causal", False))
+    if causal:  # the autoregressive baseline: token by token with the KV cache (uvq.sampling.autoregressive)
+        from uvq.config import check_autoregressive_sampling
+        from uvq.sampling.autoregressive import autoregressive_tokens
+
+        check_autoregressive_sampling(n_tokens, steps, sampler if isinstance(sampler, str) else "", options)
+        if compile or cuda_graphs:
+            raise UserError("sample.compile and sample.cuda_graphs apply to the absorbing chain; an autoregressive "
+                            "prior runs its KV-cache steps uncompiled: set both false")
     if latent_shape is None and vqgan is not None and hasattr(vqgan, "latent_shape"):
         latent_shape = tuple(vqgan.latent_shape)
     if latent_shape is None:
@@ -557,8 +566,12 @@ def iter_samples(prior: torch.nn.Module, n: int, *, vqgan: torch.nn.Module | Non
         x = torch.full((b, n_tokens), k, dtype=torch.long, device=device)  # all masked
         t0 = time.perf_counter()
         with torch.inference_mode():
-            tokens, chain_stats = run_chain(x, predict, sampler=fn, mask_id=k, steps=steps, temp=temp, rng=rng,
-                                            **options)
+            if causal:
+                tokens, chain_stats = autoregressive_tokens(prior, x, temp=temp, rng=rng, device=device,
+                                                            precision=precision, filter=make_filter(**options))
+            else:
+                tokens, chain_stats = run_chain(x, predict, sampler=fn, mask_id=k, steps=steps, temp=temp, rng=rng,
+                                                **options)
             _sync(device)
             t1 = time.perf_counter()
             images = None

@@ -40,6 +40,7 @@ from PIL import Image
 from uvq.data.sources import IMAGE_EXTS, BadImage, is_image_name, open_image, resize_center_crop
 from uvq.images import save_grid, save_png, to_rgb
 from uvq.prior.absorbing import start_time_for_masked
+from uvq.prior.autoregressive import refuse_autoregressive
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.canvas import (
@@ -384,6 +385,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     _, options = bind_sampler(sampler, options, "inpaint")
     dev = resolve_device(device)
     prior_meta = read_prior_meta(prior)
+    refuse_autoregressive("inpaint", meta=prior_meta)  # before anything is written (paper section 4.5)
     window = tuple(int(s) for s in prior_meta["model_config"]["latent_shape"])
     vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
     vq_cfg = section_from_dict(VQGANConfig, vq_meta["model_config"], "model.vqgan")

@@ -65,6 +65,10 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     steps = n_tokens if steps is None else int(steps)
     _validate_sampling(n_tokens, steps, temp)
     bind_sampler(sampler, options)  # an unknown sampler or option fails before anything is written
+    if prior_meta["model_config"].get("causal"):  # the autoregressive baseline samples token by token
+        from uvq.config import check_autoregressive_sampling
+
+        check_autoregressive_sampling(n_tokens, steps, sampler, options)
     vq_model = vq_meta = vq_weights = None
     if images or vqgan is not None:
         vq_meta, vq_weights = resolve_pair(prior_meta, vqgan, allow_other_vqgan=allow_other_vqgan, progress=progress)
@@ -118,7 +122,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         "seed": seed,
         "steps": steps,
         "temperature": temp,
-        "sampler": sampler,
+        # An autoregressive prior ignores the (default) absorbing sampler: record what ran.
+        "sampler": "autoregressive, raster order, KV cache" if prior_meta["model_config"].get("causal") else sampler,
         "sampler_options": dict(options or {}),
         "batch_size": batch_size,
         "device": str(dev),
