@@ -297,7 +297,8 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                 seed = gr.Number(0, label="seed", precision=0, elem_id="sample-seed")
                 count = gr.Number(min(s.sample.n, 8), label="count", precision=0, elem_id="sample-count")
             go = gr.Button("Sample", variant="primary", elem_id="sample-go")
-            gallery = gr.Gallery(label="samples", columns=8, format="png", elem_id="sample-gallery")
+            gallery = gr.Gallery(label="samples", columns=8, height=240, object_fit="contain", format="png",
+                                 elem_id="sample-gallery")
             files = gr.File(label="PNGs and samples.json (the settings that made them)", file_count="multiple",
                             elem_id="sample-files")
 
@@ -327,7 +328,8 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                     i_go = gr.Button("Inpaint", variant="primary", elem_id="inpaint-go")
             i_grid = gr.Image(label="original, mask and completions", type="filepath", format="png",
                               elem_id="inpaint-grid")
-            i_gallery = gr.Gallery(label="completions", columns=8, format="png", elem_id="inpaint-gallery")
+            i_gallery = gr.Gallery(label="completions", columns=8, height=240, object_fit="contain", format="png",
+                                   elem_id="inpaint-gallery")
             i_files = gr.File(label="completions, grid and inpaint.json", file_count="multiple", elem_id="inpaint-files")
 
             def take_sample():
