@@ -360,9 +360,10 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                 c_seed = gr.Number(0, label="seed", precision=0, elem_id="canvas-seed")
                 c_count = gr.Number(1, label="count", precision=0, elem_id="canvas-count")
             c_go = gr.Button("Sample a canvas", variant="primary", elem_id="canvas-go")
-            c_gallery = gr.Gallery(label="canvases", columns=2, format="png", elem_id="canvas-gallery")
+            c_gallery = gr.Gallery(label="canvases", columns=2, height=260, object_fit="contain", format="png",
+                                   elem_id="canvas-gallery")
             c_windows = gr.Gallery(label=f"the first canvas's windows (at most {MAX_WINDOWS_SHOWN})", columns=8,
-                                   format="png", elem_id="canvas-windows")
+                                   height=160, object_fit="contain", format="png", elem_id="canvas-windows")
             c_files = gr.File(label="canvases and samples.json", file_count="multiple", elem_id="canvas-files")
 
             def run_canvas(h, w, stride_v, wrap_v, steps_v, temp_v, seed_v, count_v, progress=gr.Progress()):
@@ -399,4 +400,4 @@ def serve(served: Served, *, host: str = "127.0.0.1", port: int = 7860, progress
         while True:
             time.sleep(0.5)
     finally:
-        blocks.close()
+        blocks.close(verbose=False)
