@@ -149,6 +149,8 @@ def _toast(driver) -> str:
 
 def _shot(driver, tmp_path: Path, name: str) -> None:
     """A screenshot, palette-reduced to stay small; copied into docs/images with UVQ_UPDATE_SCREENSHOTS=1."""
+    _wait(driver, lambda d: d.execute_script(
+        "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"), "every image rendered")
     path = tmp_path / f"app-{name}.png"
     Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB").quantize(64).save(path, optimize=True)
     if os.environ.get("UVQ_UPDATE_SCREENSHOTS") == "1":

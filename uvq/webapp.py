@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -261,12 +262,12 @@ def gradio_progress(progress: gr.Progress) -> ProgressFn:
 
 def _on_page(fn):
     """Run a request and turn a UserError into a message on the page (the server keeps running)."""
-    def wrapped(*args):
+    @functools.wraps(fn)  # gradio reads the signature (through __wrapped__) to pass its gr.Progress
+    def wrapped(*args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except UserError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-    wrapped.__name__ = fn.__name__
     return wrapped
 
 
@@ -297,7 +298,7 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                 seed = gr.Number(0, label="seed", precision=0, elem_id="sample-seed")
                 count = gr.Number(min(s.sample.n, 8), label="count", precision=0, elem_id="sample-count")
             go = gr.Button("Sample", variant="primary", elem_id="sample-go")
-            gallery = gr.Gallery(label="samples", columns=8, height=240, object_fit="contain", format="png",
+            gallery = gr.Gallery(label="samples", columns=8, height=240, object_fit="contain", fit_columns=False, format="png",
                                  elem_id="sample-gallery")
             files = gr.File(label="PNGs and samples.json (the settings that made them)", file_count="multiple",
                             elem_id="sample-files")
@@ -328,7 +329,7 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                     i_go = gr.Button("Inpaint", variant="primary", elem_id="inpaint-go")
             i_grid = gr.Image(label="original, mask and completions", type="filepath", format="png",
                               elem_id="inpaint-grid")
-            i_gallery = gr.Gallery(label="completions", columns=8, height=240, object_fit="contain", format="png",
+            i_gallery = gr.Gallery(label="completions", columns=8, height=240, object_fit="contain", fit_columns=False, format="png",
                                    elem_id="inpaint-gallery")
             i_files = gr.File(label="completions, grid and inpaint.json", file_count="multiple", elem_id="inpaint-files")
 
@@ -360,10 +361,11 @@ def build_blocks(studio: Studio) -> gr.Blocks:
                 c_seed = gr.Number(0, label="seed", precision=0, elem_id="canvas-seed")
                 c_count = gr.Number(1, label="count", precision=0, elem_id="canvas-count")
             c_go = gr.Button("Sample a canvas", variant="primary", elem_id="canvas-go")
-            c_gallery = gr.Gallery(label="canvases", columns=2, height=260, object_fit="contain", format="png",
+            c_gallery = gr.Gallery(label="canvases", columns=2, object_fit="contain", fit_columns=False, format="png",
                                    elem_id="canvas-gallery")
             c_windows = gr.Gallery(label=f"the first canvas's windows (at most {MAX_WINDOWS_SHOWN})", columns=8,
-                                   height=160, object_fit="contain", format="png", elem_id="canvas-windows")
+                                   height=160, object_fit="contain", fit_columns=False, format="png",
+                                   elem_id="canvas-windows")
             c_files = gr.File(label="canvases and samples.json", file_count="multiple", elem_id="canvas-files")
 
             def run_canvas(h, w, stride_v, wrap_v, steps_v, temp_v, seed_v, count_v, progress=gr.Progress()):
