@@ -132,15 +132,15 @@ def _upload(driver, editor: str, path: Path) -> None:
     (a tab's components are built when it is first shown)."""
     from selenium.common.exceptions import TimeoutException
 
-    for _ in range(4):
+    for _ in range(2):
         field = _wait(driver, lambda d: (_by(d, f"{editor} input[type=file]") or [None])[0], "the editor")
         field.send_keys(str(path))
         try:
-            _wait(driver, lambda d: "Upload an image" not in _by(d, editor)[0].text, "the upload", timeout=10)
+            _wait(driver, lambda d: "Upload an image" not in _by(d, editor)[0].text, "the upload", timeout=45)
             return
         except TimeoutException:
             continue
-    pytest.fail(f"the editor {editor} did not take {path}")
+    pytest.fail(f"the editor {editor} did not take {path}: {_by(driver, editor)[0].text!r}")
 
 
 def _toast(driver) -> str:
