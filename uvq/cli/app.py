@@ -53,12 +53,13 @@ COMMAND_MODULES = (
     "uvq.cli.convert",
     "uvq.cli.pipeline",
     "uvq.cli.bench",
+    "uvq.cli.webapp",
 )
 
 # The top-level help's panels, in one place: every command and group has exactly one.
 PANELS = {
     "train": ("fit-vqgan", "encode", "fit-prior", "pipeline"),
-    "generate": ("sample", "upscale-canvas", "inpaint"),
+    "generate": ("sample", "upscale-canvas", "inpaint", "app"),
     "evaluate": ("eval", "neighbours"),
     "models": ("import",),
     "tools": ("config", "ls", "bench"),
@@ -76,6 +77,7 @@ INTERRUPT_HINTS = {
     "config": "nothing was written",
     "ls": "nothing was written",
     "bench": "nothing was written",
+    "app": "the app stopped; with --out, the files of finished requests are kept there",
 }
 _DEFAULT_HINT = "its output directory may be incomplete; rerun the command with --overwrite"
 
