@@ -48,6 +48,7 @@ COMMAND_MODULES = (
     "uvq.cli.inpaint",
     "uvq.cli.evaluate",
     "uvq.cli.eval_elbo",
+    "uvq.cli.eval_sweep",
     "uvq.cli.neighbours",
     "uvq.cli.convert",
     "uvq.cli.pipeline",

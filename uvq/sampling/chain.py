@@ -395,7 +395,7 @@ def remask_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Halton ordering (Besnier et al. 2025, "Halton scheduler for masked generative image transformers",
+# Halton ordering (Besnier et al. 2025, "Halton Scheduler for Masked Generative Image Transformer",
 # valeoai/Halton-MaskGIT): an extension
 # ---------------------------------------------------------------------------------------------
 
