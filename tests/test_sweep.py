@@ -28,7 +28,7 @@ from uvq.config import EvalConfig, SampleConfig, SweepConfig
 from uvq.evaluation.sweep import default_steps, sweep_grid, sweep_table
 from uvq.runtime import UserError
 
-GRID = ["--steps", "4,16", "--temps", "0.8,1.0", "-n", "4", "eval.k=2", "eval.batch_size=8"]
+GRID = ["--steps", "4,16", "--temps", "0.8,1.0", "-n", "3", "eval.k=2", "eval.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def models(tmp_path_factory) -> Path:
     ref = root / "reference"
     ref.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(5):
+    for i in range(4):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     (root / "cache").mkdir()  # the feature cache the in-process sweeps share
     return root
@@ -108,7 +108,7 @@ def test_sweep_2x2_files_and_cached_rerun(tmp_path, models, inception_file, whol
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [(r["steps"], r["temp"]) for r in rows] == [("4", "0.8"), ("16", "0.8"), ("4", "1"), ("16", "1")]
     cell = out / "cells" / "steps00004-temp0.8"
-    assert len(list(cell.glob("sample-*.png"))) == 4
+    assert len(list(cell.glob("sample-*.png"))) == 3
     samples_json = json.loads((cell / "samples.json").read_text())
     assert samples_json["steps"] == 4 and samples_json["temperature"] == 0.8 and samples_json["seed"] == 0
     fid = run_uvq("eval", "fid", "--samples", str(cell), "--reference", str(models / "reference"),
@@ -138,7 +138,7 @@ def test_sweep_2x2_files_and_cached_rerun(tmp_path, models, inception_file, whol
     # Another temperature grid (in a copy of the sweep) reuses the cells it shares.
     shutil.copytree(out, tmp_path / "more")
     more = run_uvq("eval", "sweep", "--run-dir", str(models / "run"), "--reference", str(models / "reference"),
-                   "--steps", "4", "--temps", "1.0,1.2", "-n", "4", "eval.k=2", "--inception-weights",
+                   "--steps", "4", "--temps", "1.0,1.2", "-n", "3", "eval.k=2", "--inception-weights",
                    str(inception_file), "--cache-dir", str(models / "cache"), "--out", str(tmp_path / "more"),
                    "--device", "cpu", "--json")
     assert more.returncode == 0, more.stderr
