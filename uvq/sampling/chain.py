@@ -12,6 +12,8 @@ Layers, top to bottom:
     filters          top-k / top-p on logits
     absorbing_chain  the paper's sampler as a step-by-step generator (the one unmasking step)
     maskgit_chain    most-confident-first with a cosine schedule (an extension, never default)
+    remask_chain     the authors' re-masking sampler, their `sample_mlm` (an extension)
+    halton_chain     reveal in 2-D Halton order, Halton-MaskGIT's schedule (an extension)
     samplers         the registry entries, one signature
     sample_tokens / iter_samples / sample_images   the final-result calls
 
