@@ -428,6 +428,39 @@ class EvalConfig:
         _range(f"{path}.batch_size", self.batch_size, 1)
 
 
+# The step budgets of the paper's Table 3 (N = 256 tokens); other grids scale them to N.
+TABLE3_STEPS = (50, 100, 150, 200, 256)
+
+
+@dataclass
+class SweepConfig:
+    """`uvq eval sweep` (paper Table 3): FID / PRDC over a grid of steps x temperatures.
+
+    The sampler, its options and the batch size are the `sample` section's; the extractor and k
+    are the `eval` section's."""
+
+    steps: list[int] | None = None  # None: Table 3's 50..256 scaled to the prior's N (the paper's at N = 256)
+    temps: list[float] | None = None  # None: [sample.temp]
+    n: int = 10_000  # samples per cell (the paper: 50k)
+    metrics: list[str] = field(default_factory=lambda: ["fid", "prdc"])
+    reference: str | None = None  # the reference set (the training images), as `uvq eval fid --reference`
+
+    def validate(self, path: str) -> None:
+        _check(self.steps is None or (len(self.steps) >= 1 and all(s >= 1 for s in self.steps)
+                                      and len(set(self.steps)) == len(self.steps)),
+               f"{path}.steps must be distinct step budgets >= 1 (got {_short(self.steps)})")
+        if self.temps is not None:
+            _check(len(self.temps) >= 1 and len(set(self.temps)) == len(self.temps),
+                   f"{path}.temps must be distinct temperatures (got {_short(self.temps)})")
+            for i, t in enumerate(self.temps):
+                _check_temp(t, f"{path}.temps[{i}]")
+        _range(f"{path}.n", self.n, 2, why="FID needs at least 2 samples per cell")
+        valid = ("fid", "kid", "prdc")
+        bad = [m for m in self.metrics if m not in valid]
+        _check(bool(self.metrics) and not bad and len(set(self.metrics)) == len(self.metrics),
+               f"{path}.metrics must be distinct entries of {list(valid)} (got {_short(self.metrics)})")
+
+
 @dataclass
 class BPDConfig:
     """`uvq eval bpd`: full-model bits per dimension (paper section 4.1.1; docs/evaluation.md)."""
@@ -484,6 +517,7 @@ class Config:
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bpd: BPDConfig = field(default_factory=BPDConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ COMMAND_MODULES = (
     "uvq.cli.evaluate",
     "uvq.cli.eval_elbo",
     "uvq.cli.eval_bpd",
+    "uvq.cli.eval_sweep",
     "uvq.cli.neighbours",
     "uvq.cli.convert",
     "uvq.cli.pipeline",

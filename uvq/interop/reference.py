@@ -4,7 +4,7 @@ These are the references that `uvq import` verifies its conversions against: the
 VQGAN encoder/generator and transformer, and taming-transformers' Encoder/Decoder, reading the
 original tensors by their original names, so that they share nothing with uvq's own modules
 (`uvq.vqgan.model`, `uvq.prior.model`). The convolutional networks are written with
-torch.nn.functional; the authors' transformer and sampling loop are modules written once here,
+torch.nn.functional; the authors' transformer and sampling loops are modules written once here,
 which the benchmarks and tests (uvq vs the authors' code) use as well.
 """
 
@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -310,3 +311,29 @@ def authors_loop(net: nn.Module, x: torch.Tensor, *, mask_id: int, steps: int, t
         x[changes] = x_0_hat[changes]
         run += 1
     return x, run, int(reveal_rows)
+
+
+@torch.no_grad()
+def authors_mlm_loop(net: nn.Module, x: torch.Tensor, *, mask_id: int, steps: int, temp: float, T: int,
+                     uniform: Callable[[], torch.Tensor],
+                     draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The authors' `sample_mlm` loop (models/absorbing_diffusion.py), the network on every step.
+
+    For t in reversed(int(linspace(1, T, steps))): x_t = q_sample(x_0, t) masks each token with
+    probability t/T, the network predicts x_0 from x_t, and every masked token of x_t takes a value
+    drawn from softmax(logits / temp). Two uniform tensors [B,N] per step from `uniform()` stand
+    for their torch.rand_like (the mask) and Categorical(...).sample() (`draw(logits[M,K], u[M])`,
+    one uniform per token). One generalisation: positions of x that are known (not `mask_id`) are
+    never masked, so the loop also fills a partly known grid; from an all-masked x it is theirs.
+    """
+    x_0 = x.clone()
+    known = x != mask_id
+    for t in reversed(np.linspace(1, T, num=steps).astype(np.int64)):
+        u_mask, u_value = uniform(), uniform()
+        x_t = x_0.clone()
+        mask = u_mask < (float(t) / T)  # q_sample: masked with probability t / T
+        x_t[mask & ~known] = mask_id
+        x_0_logits = net(x_t).float() / temp  # [B,N,K]
+        where = x_t == mask_id
+        x_0[where] = draw(x_0_logits[where], u_value[where])
+    return x_0

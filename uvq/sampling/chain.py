@@ -12,6 +12,8 @@ Layers, top to bottom:
     filters          top-k / top-p on logits
     absorbing_chain  the paper's sampler as a step-by-step generator (the one unmasking step)
     maskgit_chain    most-confident-first with a cosine schedule (an extension, never default)
+    remask_chain     the authors' re-masking sampler, their `sample_mlm` (an extension)
+    halton_chain     reveal in 2-D Halton order, Halton-MaskGIT's schedule (an extension)
     samplers         the registry entries, one signature
     sample_tokens / iter_samples / sample_images   the final-result calls
 
@@ -21,6 +23,7 @@ token grid in which unknown positions hold the mask id.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -356,6 +359,155 @@ def maskgit_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int
 
 
 # ---------------------------------------------------------------------------------------------
+# The authors' re-masking sampler (their `sample_mlm`, samb-t/unleashing-transformers): an extension
+# ---------------------------------------------------------------------------------------------
+
+
+def remask_times(steps: int, T: int) -> list[int]:
+    """The authors' evenly spaced times, largest first: int(linspace(1, T, steps)) reversed (may repeat).
+
+    Computed as numpy.linspace does (i * step + 1 in float64, the last one exactly T), so the
+    truncation to integers is the same as in their code.
+    """
+    if steps == 1:
+        return [1]
+    step = (T - 1) / (steps - 1)
+    return [T] + [int(i * step + 1.0) for i in range(steps - 2, -1, -1)]
+
+
+def remask_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int, temp: float, rng: SampleRNG,
+                 t_start: int | None = None, T: int | None = None, filter: Filter | None = None
+                 ) -> Iterator[ChainStep]:
+    """Re-masking over evenly spaced t: every unknown token is re-drawn at every step.
+
+    x: LongTensor[B, N], known tokens and `mask_id` at unknown positions (known tokens never change).
+    The times are tau_1 > ... > tau_S, int(linspace(1, T, S)) largest first (T default N). At step s
+    each unknown position is masked again with probability tau_s / T (still-masked positions stay
+    masked), and every masked position is drawn from softmax(filter(predict(x_masked) / temp)).
+    The first step draws every unknown position, so later steps only re-draw: `revealed` is the
+    first step's draw. t_start < steps runs the last t_start times. A row that masks nothing at a
+    step is unchanged and skips the network; the draws are made whatever happens, so the tokens
+    equal the authors' loop (uvq.interop.reference.authors_mlm_loop) for the same draws.
+    """
+    t_start = _check_chain_args(x, mask_id=mask_id, steps=steps, temp=temp, rng=rng, t_start=t_start)
+    n = x.shape[1]
+    T = n if T is None else int(T)
+    unknown = x == mask_id  # [B, N], the positions this chain may change
+    passes = calls = 0
+    for t, tau in zip(range(t_start, 0, -1), remask_times(steps, T)[steps - t_start:], strict=True):
+        u_mask = rng.rand(n)  # [B, N]
+        u_value = rng.rand(n)  # [B, N]
+        masked = (x == mask_id) | (unknown & (u_mask < tau / T))  # [B, N], x_t of q(x_t | x_0)
+        rows = masked.any(1)  # [B]
+        if bool(rows.any()):
+            x_t = x.masked_fill(masked, mask_id)
+            logits, b = _predict_rows(predict, x_t, rows)  # [b, N, K]
+            passes, calls = passes + b, calls + 1
+            chosen = logits[masked[rows]].float() / temp  # [M, K]
+            if filter is not None:
+                chosen = filter(chosen)
+            new = x.masked_scatter(masked, categorical(chosen, u_value[masked]))
+        else:
+            new = x.clone()
+        revealed = (x == mask_id) & (new != mask_id)
+        x = new
+        yield ChainStep(t=t, x=x, revealed=revealed, network_passes=passes, predict_calls=calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Halton ordering (Besnier et al. 2025, "Halton Scheduler for Masked Generative Image Transformer",
+# valeoai/Halton-MaskGIT): an extension
+# ---------------------------------------------------------------------------------------------
+
+
+def _radical_inverse(i: int, base: int) -> tuple[int, int]:
+    """The van der Corput radical inverse of i in `base` as an exact fraction (numerator, denominator)."""
+    num, den = 0, 1
+    while i > 0:
+        i, digit = divmod(i, base)
+        num, den = num * base + digit, den * base
+    return num, den
+
+
+@functools.lru_cache(maxsize=16)
+def halton_order(h: int, w: int) -> torch.Tensor:
+    """The grid's positions in Halton order: LongTensor[h*w], a permutation of 0..h*w-1 (raster index).
+
+    Point i = 1, 2, ... of the 2-D Halton sequence (bases 2 and 3) falls in cell
+    (floor(phi_2(i) * h), floor(phi_3(i) * w)); a cell is taken at its first point, until every cell
+    has one (the construction of Halton-MaskGIT's mask, computed in exact integers). The first k
+    cells spread over the grid with low discrepancy: every region gets about its share.
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"the grid must be at least 1x1 (got {h}x{w})")
+    seen: dict[int, None] = {}
+    i = 0
+    while len(seen) < h * w:
+        i += 1
+        (n2, d2), (n3, d3) = _radical_inverse(i, 2), _radical_inverse(i, 3)
+        seen.setdefault((n2 * h // d2) * w + n3 * w // d3)
+    return torch.tensor(list(seen), dtype=torch.long)
+
+
+def _grid_of(n: int, shape: Sequence[int] | None) -> tuple[int, int]:
+    if shape is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise UserError(f"halton.v1 needs the grid's shape for {n} tokens (not a square): set options.shape=[h, w]")
+        return side, side
+    h, w = (int(v) for v in shape)
+    if h * w != n:
+        raise UserError(f"options.shape {h}x{w} does not hold the chain's {n} tokens")
+    return h, w
+
+
+def halton_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int, temp: float, rng: SampleRNG,
+                 t_start: int | None = None, shape: Sequence[int] | None = None,
+                 filter: Filter | None = None) -> Iterator[ChainStep]:
+    """Reveal the unknown positions in Halton order, with Halton-MaskGIT's arccos schedule.
+
+    x: LongTensor[B, N] on an h x w grid (`shape`, default square), `mask_id` at unknown positions.
+    After step s of S (s = 1..S) the first r_s unknown positions in Halton order (halton_order) are
+    revealed, r_s = max(s, floor(n0 * (1 - arccos(s/S) / (pi/2)))) clamped to n0, the row's number
+    of unknown positions (from t_start < steps, the remaining fraction is rescaled to start at n0).
+    Revealed values are drawn from softmax(filter(predict(x) / temp)); a row that reveals nothing
+    at a step skips the network. The order is fixed, so the only randomness is the values.
+    """
+    t_start = _check_chain_args(x, mask_id=mask_id, steps=steps, temp=temp, rng=rng, t_start=t_start)
+    n = x.shape[1]
+    order = halton_order(*_grid_of(n, shape)).to(x.device)  # [N], positions in Halton order
+    unknown = x == mask_id  # [B, N]
+    n0 = unknown.sum(1)  # [B]
+    rank = torch.empty_like(unknown, dtype=torch.long)  # [B, N], rank among the row's unknown positions
+    rank[:, order] = unknown[:, order].long().cumsum(1) - 1
+
+    def done(s: int) -> float:  # Halton-MaskGIT's revealed fraction after step s of S
+        return 1.0 - math.acos(s / steps) / (math.pi / 2)
+
+    s0 = steps - t_start
+    before = done(s0)
+    passes = calls = 0
+    prev = torch.zeros_like(n0)
+    for s in range(s0 + 1, steps + 1):
+        fraction = 1.0 if s == steps else (done(s) - before) / (1.0 - before)
+        count = torch.floor(n0 * fraction).long().clamp_min(s - s0).minimum(n0)  # [B]
+        u_value = rng.rand(n)  # [B, N]
+        revealed = unknown & (rank >= prev[:, None]) & (rank < count[:, None])  # [B, N]
+        prev = count
+        rows = revealed.any(1)
+        if bool(rows.any()):
+            logits, b = _predict_rows(predict, x, rows)  # [b, N, K]
+            passes, calls = passes + b, calls + 1
+            chosen = logits[revealed[rows]].float() / temp  # [M, K]
+            if filter is not None:
+                chosen = filter(chosen)
+            x = x.masked_scatter(revealed, categorical(chosen, u_value[revealed]))
+        else:
+            x = x.clone()
+        yield ChainStep(t=steps - s + 1, x=x, revealed=revealed, network_passes=passes, predict_calls=calls)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registered samplers: sampler(x, predict, *, mask_id, steps, temp, rng, t_start=None, **options)
 # ---------------------------------------------------------------------------------------------
 
@@ -390,6 +542,22 @@ def maskgit_cosine_sampler(x, predict, *, mask_id, steps, temp, rng, t_start=Non
     """Most-confident-first with a cosine schedule and annealed choice temperature (MaskGIT)."""
     return maskgit_chain(x, predict, mask_id=mask_id, steps=steps, temp=temp, rng=rng, t_start=t_start,
                          choice_temp=choice_temp, filter=make_filter(top_k, top_p))
+
+
+@register("samplers", "remask.v1")
+def remask_sampler(x, predict, *, mask_id, steps, temp, rng, t_start=None, T=None, top_k=None,
+                   top_p=None) -> Iterator[ChainStep]:
+    """The authors' re-masking sampler (`sample_mlm`): over evenly spaced t, every token re-drawn."""
+    return remask_chain(x, predict, mask_id=mask_id, steps=steps, temp=temp, rng=rng, t_start=t_start, T=T,
+                        filter=make_filter(top_k, top_p))
+
+
+@register("samplers", "halton.v1")
+def halton_sampler(x, predict, *, mask_id, steps, temp, rng, t_start=None, shape=None, top_k=None,
+                   top_p=None) -> Iterator[ChainStep]:
+    """Reveal in 2-D Halton order with Halton-MaskGIT's arccos schedule (an extension)."""
+    return halton_chain(x, predict, mask_id=mask_id, steps=steps, temp=temp, rng=rng, t_start=t_start,
+                        shape=shape, filter=make_filter(top_k, top_p))
 
 
 DEFAULT_SAMPLER = "absorbing.v1"
@@ -434,7 +602,7 @@ def bind_sampler(sampler: str | Callable, options: dict[str, Any] | None = None,
 
 def check_options(options: dict[str, Any], path: str = "sample.options") -> None:
     """Check the values of the options the built-in samplers share (a plugin's option of the same
-    name must mean the same): top_k, top_p, order, choice_temp. One UserError naming the key."""
+    name must mean the same): top_k, top_p, order, choice_temp, T, shape. One UserError naming the key."""
     if options.get("top_k") is not None:
         k = options["top_k"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -445,6 +613,15 @@ def check_options(options: dict[str, Any], path: str = "sample.options") -> None
             raise UserError(f"{path}.top_p must be a number in (0, 1] (got {p!r}); leave it unset for no nucleus filter")
     if "order" in options and options["order"] not in ("random", "raster"):
         raise UserError(f"{path}.order must be random or raster (got {options['order']!r})")
+    if options.get("T") is not None:
+        T = options["T"]
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise UserError(f"{path}.T must be an integer >= 1 (got {T!r}); leave it unset for T = N")
+    if options.get("shape") is not None:
+        shp = options["shape"]
+        if (not isinstance(shp, (list, tuple)) or len(shp) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shp)):
+            raise UserError(f"{path}.shape must be two integers [h, w] >= 1 (got {shp!r}); leave it unset for a square grid")
     if "choice_temp" in options:
         c = options["choice_temp"]
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 0):
