@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample canvases larger than the training window by averaging the prior over windows (Eq. 8)."""
         from uvq.cli.sample import describe, generation_setup, on_rank0, rank_reporter
-        from uvq.runtime import shutdown_distributed
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.canvas import parse_hw, upscale_canvas
 
         apply_local(json_flag, debug)
@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         try:
             summary = upscale_canvas(ckpt, out, vqgan=vqgan, seed=seed, weights=weights, device=device,
                                      overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
             shutdown_distributed()

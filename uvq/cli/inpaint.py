@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Inpaint a region (mask PNG or boxes) or outpaint a border, with the paper's sampler."""
         from uvq.cli.sample import describe, generation_setup, on_rank0, rank_reporter
-        from uvq.runtime import shutdown_distributed
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.inpaint import inpaint_images
 
         apply_local(json_flag, debug)
@@ -74,6 +74,7 @@ def register(app: typer.Typer) -> None:
                 allow_other_vqgan=cfg.allow_other_vqgan,
                 device=device, precision=cfg.precision, max_memory_gb=cfg.max_memory_gb, overwrite=overwrite,
                 progress=rep)
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
             shutdown_distributed()

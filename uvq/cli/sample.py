@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample images with the paper's sampler (random order, 1/t reveals, exact reuse of passes)."""
         from uvq.checkpoint import find_vqgan
-        from uvq.runtime import shutdown_distributed
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.outputs import write_samples
 
         apply_local(json_flag, debug)
@@ -165,6 +165,7 @@ def register(app: typer.Typer) -> None:
         try:
             summary = write_samples(ckpt, out, vqgan=vq_path, seed=seed, codes=codes, weights=weights, device=device,
                                     overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
             shutdown_distributed()
