@@ -19,6 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_uvq
 from test_canvas import make_pair
+from test_evaluate import (
+    inception_weights,  # noqa: F401  (a session fixture: random Inception weights)
+    random_images,
+    write_png,
+)
 from test_inpaint import save_image
 
 from uvq.runtime import DistInfo, batch_share, share_rounds
@@ -125,3 +130,25 @@ def test_a_refused_output_directory_stops_every_rank(tmp_path, pair):
     assert result.returncode != 0  # torchrun reports a failed child with its own status
     assert result.stderr.count("error: ") >= 2  # each rank says why, in one line
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+
+def test_eval_fid_under_torchrun_equals_one_process_and_writes_the_cache_once(tmp_path, inception_weights):  # noqa: F811
+    """Ranks extract disjoint parts; the FID equals one process's; rank 0 writes each set's cache file."""
+    for i, a in enumerate(random_images(3, 24, 24, 21)):
+        write_png(tmp_path / "s" / f"{i}.png", a)
+    for i, a in enumerate(random_images(2, 24, 24, 22)):
+        write_png(tmp_path / "r" / f"{i}.png", a)
+    common = ["eval", "fid", "--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "r"),
+              "--inception-weights", str(inception_weights), "--batch-size", "1", "--device", "cpu", "--json"]
+    one = run_uvq(*common, "--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "o1"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*common, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "o2"), cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[:3000] + two.stderr[-1000:]
+    r1 = json.loads((tmp_path / "o1" / "eval-fid.json").read_text())
+    r2 = json.loads((tmp_path / "o2" / "eval-fid.json").read_text())
+    assert r2["results"] == r1["results"]  # the same features, bit for bit, so the same FID
+    assert r2["samples"]["n_images"] == 3 and r2["reference"]["n_images"] == 2
+    assert json.loads(two.stdout.strip())["results"] == r1["results"]  # one summary, rank 0's
+    c1, c2 = sorted((tmp_path / "c1").iterdir()), sorted((tmp_path / "c2").iterdir())
+    assert [p.name for p in c2] == [p.name for p in c1] and len(c2) == 2  # one file per set, no temporaries
+    assert [p.read_bytes() for p in c2] == [p.read_bytes() for p in c1]
