@@ -32,9 +32,10 @@ from uvq.runtime import DistInfo, batch_share, share_rounds
 VOLATILE = ("created", "timing", "world_size")
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout: float = 120,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m uvq ARGS` (torch.distributed.run, a free port)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            "-m", "uvq", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -152,3 +153,39 @@ def test_eval_fid_under_torchrun_equals_one_process_and_writes_the_cache_once(tm
     c1, c2 = sorted((tmp_path / "c1").iterdir()), sorted((tmp_path / "c2").iterdir())
     assert [p.name for p in c2] == [p.name for p in c1] and len(c2) == 2  # one file per set, no temporaries
     assert [p.read_bytes() for p in c2] == [p.read_bytes() for p in c1]
+
+
+def test_neighbours_under_torchrun_find_the_neighbours_of_one_process(tmp_path):
+    """Ranks search disjoint runs of the reference; the merged k best are one process's, ties included."""
+    import torch
+    import torchvision
+    from test_neighbours import smooth_images
+
+    from uvq.images import save_png
+    from uvq.vqgan.losses import lpips_trunk_path
+
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    os.environ.update(env)
+    try:
+        trunk = lpips_trunk_path("squeeze")
+    finally:
+        del os.environ["TORCH_HOME"]
+    trunk.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), trunk)
+    for i, x in enumerate(smooth_images(2, seed=7, size=32)):
+        save_png(x, tmp_path / "s" / f"{i}.png")
+    for i, x in enumerate(smooth_images(7, seed=8, size=32)):
+        save_png(x, tmp_path / "r" / f"{i}.png")
+    save_png(smooth_images(1, seed=7, size=32)[0], tmp_path / "r" / "7.png")  # sample 0 itself, in rank 1's share
+    args = ["neighbours", "--samples", str(tmp_path / "s"), "--reference", str(tmp_path / "r"), "--k", "3",
+            "--batch-size", "2", "--lpips-net", "squeeze", "--device", "cpu"]
+    one = run_uvq(*args, "--out", str(tmp_path / "one"), env=env)
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path, env=env)
+    assert two.returncode == 0, two.stderr[:3000] + two.stderr[-1000:]
+    for name in ("neighbours.csv", "neighbours.png"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    r1, r2 = (json.loads((tmp_path / d / "neighbours.json").read_text()) for d in ("one", "two"))
+    assert r2["neighbours"] == r1["neighbours"]
+    assert r1["neighbours"][0]["distance"][0] < min(r1["neighbours"][1]["distance"])  # found its own image
