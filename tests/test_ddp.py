@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -129,3 +130,110 @@ def test_dist_timeout_is_a_checked_recipe_option():
 
     with pytest.raises(UserError, match="run.dist_timeout_s"):
         load_config("demo", ["run.dist_timeout_s=0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 ranks at batch b against 1 rank at batch 2b (docs/training.md, docs/prior-training.md)
+# ---------------------------------------------------------------------------------------------
+
+# Before train.disc_start_step, and without random flips, the VQGAN's step is deterministic given
+# its images: no discriminator, no DiffAugment, no adaptive weight. Rank r of W reads positions
+# r, r+W, ... of the demo set's shuffled order, so 2 ranks at batch 2 read the 4 images 1 rank at
+# batch 4 reads, and DDP's mean of the two ranks' gradients is the gradient of the mean over the 4.
+EQUAL = [*[o for o in TINY if not o.startswith(("train.disc_start_step", "train.steps", "train.batch_size"))],
+         "train.disc_start_step=100", "train.steps=3", "run.ckpt_every=3", "run.image_every=3", "data.hflip=false"]
+
+
+def _vqgan_worker(rank: int, world: int, port: int, base: str) -> None:
+    from uvq.vqgan.train import fit_vqgan
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    os.chdir(base)
+    try:
+        fit_vqgan(load_config("demo", [*EQUAL, "train.batch_size=2"]), f"two{rank}", device="cpu")
+    finally:
+        shutdown_distributed()
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_vqgan_two_ranks_at_batch_b_take_the_steps_of_one_rank_at_2b(tmp_path):
+    from uvq.vqgan.train import fit_vqgan
+
+    torch.set_num_threads(1)
+    fit_vqgan(load_config("demo", [*EQUAL, "train.batch_size=4"]), tmp_path / "one", device="cpu")
+    mp.spawn(_vqgan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two0")
+    m1 = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (tmp_path / "two0" / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["loss"] for r in m1}) == 3  # every step moved the weights
+    for a, b in zip(m1, m2, strict=True):  # the same 4 images and the same weights at every step
+        for key in ("loss", "l1", "rec", "codebook"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    # The weights agree to float rounding, except where Adam divides rounding noise by itself: a
+    # bias followed by a normalisation has zero gradient up to rounding, and g / sqrt(v) turns that
+    # noise into steps of about lr. So every tensor is within 3 steps of lr, and nearly all agree.
+    lr = load_config("demo", EQUAL).train.lr
+    assert sorted(one) == sorted(two)
+    close = 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=3 * lr, msg=k)
+        close += bool(torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6))
+    assert close >= 0.85 * len(one)
+
+
+# fit-prior: each rank draws its own times and masks (docs/prior-training.md), so 2 ranks at b are
+# not the steps of 1 rank at 2b; the test checks that 2 processes train, log once, and leave a
+# checkpoint that loads and samples.
+PRIOR = ["model.prior.n_embd=32", "model.prior.n_head=2", "model.prior.n_layer=1", "model.prior.codebook_size=16",
+         "model.prior.latent_shape=[4,4]", "model.vqgan.codebook_size=16", "model.vqgan.img_size=64",
+         "prior_train.batch_size=4", "prior_train.lr=0.003", "prior_train.warmup_steps=2", "prior_train.steps=4",
+         "prior_train.val_every=4", "prior_train.val_batches=1", "prior_train.val_draws=2", "run.log_every=2",
+         "run.image_every=100", "run.ckpt_every=2"]
+
+
+def _prior_worker(rank: int, world: int, port: int, base: str) -> None:
+    from uvq.prior.train import fit_prior
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    os.chdir(base)
+    try:
+        summary = fit_prior(load_config(None, PRIOR), "latents", f"run{rank}", device="cpu")
+    finally:
+        shutdown_distributed()
+    (Path(base) / f"prior{rank}.json").write_text(json.dumps(summary, default=str))
+
+
+def test_fit_prior_on_two_gloo_processes_trains_and_its_checkpoint_samples(tmp_path):
+    import numpy as np
+
+    from uvq.checkpoint import load_model
+    from uvq.prior.latents import write_latents
+    from uvq.sampling.chain import sample_tokens
+
+    rng = np.random.default_rng(0)
+    grids = {split: [(f"{split}{i:04d}", rng.integers(0, 16, (4, 4))) for i in range(n)]
+             for split, n in (("train", 64), ("val", 16))}
+    write_latents(tmp_path / "latents", grids, codebook_size=16, shard_size=16)
+    mp.spawn(_prior_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    s0, s1 = (json.loads((tmp_path / f"prior{r}.json").read_text()) for r in (0, 1))
+    assert s0["steps"] == s1["steps"] == 4
+    assert not (tmp_path / "run1").exists()  # rank 1 wrote nothing
+    run = tmp_path / "run0"
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]  # logged once, by rank 0
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    net, meta = load_model(run, "prior", device="cpu")
+    assert meta["kind"] == "prior"
+    tokens = sample_tokens(net, 3, steps=16, seed=1, device="cpu", precision="fp32")
+    assert tokens.shape == (3, 16) and int(tokens.min()) >= 0 and int(tokens.max()) < 16

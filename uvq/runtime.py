@@ -117,6 +117,145 @@ def shutdown_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Jobs the ranks share outside training (sample, canvas, inpaint, feature extraction)
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_share(n: int, batch_size: int, info: DistInfo | None = None) -> tuple[int, int]:
+    """(first item, item count) of this rank's share of n items processed in batches of `batch_size`.
+
+    Rank r of W takes batches [r*B//W, (r+1)*B//W) of the B = ceil(n / batch_size) batches of a
+    one-process run: a contiguous run of whole batches, so that every batch holds the same items
+    as in one process and its results are bit-identical even where a kernel's rounding depends on
+    the batch size. Shares differ by at most one batch; a rank may get none (count 0).
+    """
+    info = info or dist_info()
+    n_batches = -(-n // batch_size)
+    lo = info.rank * n_batches // info.world_size
+    hi = (info.rank + 1) * n_batches // info.world_size
+    first = min(lo * batch_size, n)
+    return first, min(hi * batch_size, n) - first
+
+
+def share_rounds(n: int, batch_size: int, world_size: int) -> int:
+    """The most batches any rank gets from `batch_share`: the number of rounds of a pooled job."""
+    n_batches = -(-n // batch_size)
+    return -(-n_batches // world_size)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def on_main(fn):
+    """Run fn() on rank 0 only and give every rank its result (a picklable value).
+
+    A UserError on rank 0 (a refused output directory, say) is raised on every rank with the same
+    message, so that no rank waits at a collective for a rank that gave up.
+    """
+    dist = _dist()
+    if dist is None:
+        return fn()
+    box: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as exc:
+            box[0], failure = ("user", str(exc)), exc
+        except BaseException as exc:
+            box[0], failure = ("crash", f"rank 0 failed: {type(exc).__name__}: {exc}"), exc
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if failure is not None:
+        raise failure
+    if kind != "ok":
+        raise UserError(value)
+    return value
+
+
+def _comm_device(dist) -> torch.device:
+    """Where a collective's tensors live: the current CUDA device on NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True when `ok` holds on every rank (one all-reduce); every rank gets the same answer."""
+    dist = _dist()
+    if dist is None:
+        return bool(ok)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_comm_device(dist))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def reduce_numbers(values: list[float], op: str = "sum") -> list[float]:
+    """Element-wise sum or max of a list of numbers over the ranks (float64; exact for counts)."""
+    dist = _dist()
+    if dist is None:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device(dist))
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t.cpu().tolist()
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` as a list in rank order on rank 0, None on the others (pickled; keep it small)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` as a list in rank order, on every rank (pickled)."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class JobProgress:
+    """Whole-job progress for a job the ranks share: rank 0 reports every rank's work.
+
+    Each rank calls `advance(n)` once per batch of its share; the counts are summed over the
+    ranks (one all-reduce of one number per batch, so the ranks keep step by batch) and rank 0
+    reports the sum. `finish()` pads a rank that had fewer batches than `rounds` with zeros, so
+    every rank makes the same collectives, then reports the end. `inner` is the callback for the
+    library code running a share: rank 0's events go through, except those of `task` itself.
+    """
+
+    def __init__(self, progress, task: str, total: int | None, rounds: int, unit: str = "img") -> None:
+        self.main = dist_info().is_main
+        self.progress, self.task, self.rounds, self.calls = progress, task, rounds, 0
+        self.pooled = _dist() is not None
+        if self.main:
+            progress({"event": "start", "task": task, "total": total, "unit": unit})
+
+    def inner(self, event: dict) -> None:
+        if self.main and event.get("task") != self.task:
+            self.progress(event)
+
+    def advance(self, n: int, metrics: dict | None = None) -> None:
+        self.calls += 1
+        done = int(reduce_numbers([n])[0]) if self.pooled else n
+        if self.main:
+            self.progress({"event": "advance", "task": self.task, "n": done, "metrics": metrics or {}})
+
+    def finish(self, metrics: dict | None = None) -> None:
+        while self.calls < self.rounds:
+            self.advance(0)
+        if self.main:
+            self.progress({"event": "end", "task": self.task, **({"metrics": metrics} if metrics else {})})
+
+
+# ---------------------------------------------------------------------------------------------
 # Seeds
 # ---------------------------------------------------------------------------------------------
 

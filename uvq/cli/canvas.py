@@ -20,7 +20,6 @@ from uvq.cli.common import (
     VqganOpt,
     apply_local,
     emit,
-    reporter,
 )
 
 
@@ -53,11 +52,12 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Sample canvases larger than the training window by averaging the prior over windows (Eq. 8)."""
-        from uvq.cli.sample import describe, generation_setup
+        from uvq.cli.sample import describe, generation_setup, on_rank0, rank_reporter
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.canvas import parse_hw, upscale_canvas
 
         apply_local(json_flag, debug)
-        rep = reporter()
+        rep = rank_reporter()
         ckpt, _, cfg = generation_setup("canvas", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "size": list(parse_hw(size, "--size")) if size else None,
             "latent_size": list(parse_hw(latent_size, "--latent-size")) if latent_size else None,
@@ -67,8 +67,12 @@ def register(app: typer.Typer) -> None:
         try:
             summary = upscale_canvas(ckpt, out, vqgan=vqgan, seed=seed, weights=weights, device=device,
                                      overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
+            shutdown_distributed()
+        if not on_rank0():
+            return
         c, t = summary["canvas"], summary["timing"]
         emit(summary, human=(f"wrote {summary['n']} canvases of {c['pixels'][0]}x{c['pixels'][1]} pixels to "
                              f"{summary['out_dir']} ({t['seconds_per_image']:.2f} s per image, "

@@ -49,18 +49,27 @@ def _report_path(out: Path | None, samples: str, name: str) -> Path:
 def _set_metric(metric: str, samples: str, reference: str, out: Path | None, recipe: str | None,
                 inception_weights: Path | None, batch_size: int | None, cache_dir: Path | None, k: int | None,
                 device: str, seed: int, overwrite: bool) -> None:
+    from uvq.cli.sample import on_rank0, rank_reporter
     from uvq.evaluation.metrics import evaluate_metrics, write_report
-    from uvq.runtime import resolve_device
+    from uvq.runtime import barrier, init_distributed, resolve_device, shutdown_distributed
 
     cfg = _eval_config(recipe, inception_weights=str(inception_weights) if inception_weights else None,
                        batch_size=batch_size, k=k)
     path = _report_path(out, samples, metric)
-    rep = reporter()
+    dev = resolve_device(device)
+    # Under torchrun the ranks extract disjoint parts of each set (uvq.evaluation.features); every
+    # rank then holds the features and the metric, and rank 0 writes the report.
+    init_distributed(dev)
+    rep = rank_reporter()
     try:
-        report = evaluate_metrics([metric], samples, reference, cfg_eval=cfg, device=resolve_device(device),
+        report = evaluate_metrics([metric], samples, reference, cfg_eval=cfg, device=dev,
                                   progress=rep, seed=seed, cache_dir=cache_dir)
+        barrier()
     finally:
         rep.close()
+        shutdown_distributed()
+    if not on_rank0():
+        return
     report["command"] = " ".join(STATE.argv)
     write_report(report, path, overwrite=overwrite)
     report["report"] = str(path)

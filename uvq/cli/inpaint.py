@@ -19,7 +19,6 @@ from uvq.cli.common import (
     VqganOpt,
     apply_local,
     emit,
-    reporter,
 )
 
 
@@ -56,11 +55,12 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Inpaint a region (mask PNG or boxes) or outpaint a border, with the paper's sampler."""
-        from uvq.cli.sample import describe, generation_setup
+        from uvq.cli.sample import describe, generation_setup, on_rank0, rank_reporter
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.inpaint import inpaint_images
 
         apply_local(json_flag, debug)
-        rep = reporter()
+        rep = rank_reporter()
         ckpt, _, cfg = generation_setup("inpaint", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "n": n, "steps": steps, "temp": temp, "dilate": dilate, "composite": composite or None,
             "feather": feather}, weights=weights, rep=rep)
@@ -74,8 +74,12 @@ def register(app: typer.Typer) -> None:
                 allow_other_vqgan=cfg.allow_other_vqgan,
                 device=device, precision=cfg.precision, max_memory_gb=cfg.max_memory_gb, overwrite=overwrite,
                 progress=rep)
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
+            shutdown_distributed()
+        if not on_rank0():
+            return
         lines = [f"wrote {summary['n']} completions of {len(summary['inputs'])} input(s) to {summary['out_dir']}"]
         for rec in summary["inputs"]:
             lines.append(f"{rec['input']}: {rec['masked_latents']}/{rec['latents']} latents regenerated from "

@@ -14,7 +14,6 @@ from uvq.cli.common import (
     OverwriteOpt,
     apply_local,
     emit,
-    reporter,
 )
 
 
@@ -36,10 +35,18 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """Nearest training images of each sample by LPIPS: a PNG grid, a CSV and a JSON report in --out."""
+        from uvq.cli.sample import on_rank0, rank_reporter
         from uvq.evaluation.neighbours import MODES
         from uvq.evaluation.neighbours import neighbours as run
         from uvq.files import claim_out_dir
-        from uvq.runtime import UserError, resolve_device
+        from uvq.runtime import (
+            UserError,
+            barrier,
+            init_distributed,
+            on_main,
+            resolve_device,
+            shutdown_distributed,
+        )
         from uvq.vqgan.losses import load_lpips
 
         apply_local(json_flag, debug)
@@ -47,13 +54,21 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
         dev = resolve_device(device)
         model = load_lpips(lpips_net, alternative="or choose another trunk with --lpips-net alex|squeeze")
-        out_dir = claim_out_dir(out, command="neighbours", overwrite=overwrite, inputs=(samples, reference),
-                                entries=("neighbours.png", "neighbours.csv", "neighbours.json"), lock=False).path
-        rep = reporter()
+        # Under torchrun the ranks split the reference (uvq.evaluation.neighbours); rank 0 claims
+        # --out and writes the files.
+        init_distributed(dev)
+        out_dir = Path(on_main(lambda: str(claim_out_dir(
+            out, command="neighbours", overwrite=overwrite, inputs=(samples, reference),
+            entries=("neighbours.png", "neighbours.csv", "neighbours.json"), lock=False).path)))
+        rep = rank_reporter()
         try:
             report = run(samples, reference, out_dir, lpips_model=model, lpips_name=lpips_net, k=k, mode=mode,
                          prefilter=prefilter, batch_size=batch_size, device=dev, max_samples=max_samples, progress=rep)
+            barrier()
         finally:
             rep.close()
+            shutdown_distributed()
+        if not on_rank0():
+            return
         emit(report, human=f"{len(report['neighbours'])} samples x {k} neighbours ({mode}) -> "
                            f"{report['files']['grid']}, {report['files']['csv']}")

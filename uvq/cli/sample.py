@@ -91,6 +91,35 @@ def generation_setup(section: str, *, prior, run, recipe, overrides, shortcuts: 
     return ckpt, meta, cfg
 
 
+class _Quiet:
+    """The progress sink of ranks other than 0 under torchrun: rank 0 reports the whole job."""
+
+    warnings: tuple = ()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def rank_reporter():
+    """`reporter()` on rank 0 (or without torchrun), a quiet sink on the other ranks.
+
+    torchrun's RANK is read from the environment because the process group is joined later,
+    inside the library call."""
+    import os
+
+    return reporter() if os.environ.get("RANK", "0") == "0" else _Quiet()
+
+
+def on_rank0() -> bool:
+    """Whether this process prints the command's result (rank 0, or no torchrun)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def describe(section: str, cfg: Any) -> str:
     """One log line with the resolved section (what the command will run with)."""
     return f"{section}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())
@@ -122,10 +151,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample images with the paper's sampler (random order, 1/t reveals, exact reuse of passes)."""
         from uvq.checkpoint import find_vqgan
+        from uvq.runtime import barrier, shutdown_distributed
         from uvq.sampling.outputs import write_samples
 
         apply_local(json_flag, debug)
-        rep = reporter()
+        rep = rank_reporter()
         ckpt, meta, cfg = generation_setup("sample", prior=prior, run=run, recipe=recipe, overrides=overrides, shortcuts={
             "n": n, "steps": steps, "temp": temp, "batch_size": batch_size, "sampler": sampler,
             "options.top_k": top_k, "options.top_p": top_p}, weights=weights, rep=rep)
@@ -142,8 +172,12 @@ def register(app: typer.Typer) -> None:
         try:
             summary = write_samples(ckpt, out, vqgan=vq_path, seed=seed, codes=codes, weights=weights, device=device,
                                     overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
+            barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()
+            shutdown_distributed()
+        if not on_rank0():
+            return
         timing = summary["timing"]
         human = (f"wrote {summary['n']} samples to {summary['out_dir']} ({timing['images_per_s']:.1f} images/s, "
                  f"{summary['network_passes_per_image']:.1f} network passes per image over {summary['steps']} steps)")

@@ -39,7 +39,7 @@ from uvq.data.sources import (
 from uvq.files import atomic_path, sha256_file
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import register
-from uvq.runtime import UserError
+from uvq.runtime import UserError, all_gather, batch_share, dist_info, on_main
 
 FEATURE_FILES = (".npz", ".npy", ".safetensors")
 
@@ -329,17 +329,19 @@ def extract_features(image_set: ImageSet, extractor: InceptionFeatures, *, batch
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(image_set, extractor)
     cache_file = cache / f"{key[:40]}.safetensors"
-    if cache_file.is_file():
-        from safetensors import safe_open
+    # Under torchrun rank 0 reads the cache and every rank gets its answer (uvq.runtime.on_main),
+    # so the ranks agree on a hit even where the cache directory is not shared.
+    cached = on_main(lambda: _read_cache(cache_file, key, image_set))
+    if cached is not None:
+        return cached
 
-        with safe_open(str(cache_file), "np") as fh:
-            meta = json.loads(fh.metadata()["uvq"])
-            if meta.get("cache_key") == key:
-                feats = fh.get_tensor("features")
-                info = {**image_set.describe(), **meta["set"], "cache_file": str(cache_file), "cache_hit": True}
-                return SetFeatures(info, features=feats)
-
+    # This rank's share: a contiguous run of whole batches of the set's order (uvq.runtime.batch_share;
+    # all of it in one process), so a set of one image size gives each image the features of a
+    # one-process run, bit for bit. Rank 0 gathers the shares and writes the cache once.
+    dist = dist_info()
     n = len(image_set.keys)
+    first, count = batch_share(n, batch_size, dist)
+    indices = None if not dist.enabled else set(range(first, first + count))
     feats = np.zeros((n, extractor.dim), dtype=np.float32)
     ok = np.zeros(n, dtype=bool)
     sizes: Counter[str] = Counter()
@@ -354,8 +356,8 @@ def extract_features(image_set: ImageSet, extractor: InceptionFeatures, *, batch
             feats[idx], ok[idx] = f, True
         progress({"event": "advance", "task": f"features {role}", "n": len(batch), "metrics": {}})
 
-    progress({"event": "start", "task": f"features {role}", "total": n, "unit": "img"})
-    for idx, name, _origin, data in encoded_images(image_set.reader):
+    progress({"event": "start", "task": f"features {role}", "total": count, "unit": "img"})
+    for idx, name, _origin, data in encoded_images(image_set.reader, indices) if count else ():
         try:
             arr = decode_image(data, None)  # uint8 [3,H,W] at the image's own size
         except BadImage:
@@ -370,6 +372,13 @@ def extract_features(image_set: ImageSet, extractor: InceptionFeatures, *, batch
     for shape in list(pending):
         flush(shape)
     progress({"event": "end", "task": f"features {role}"})
+    if dist.enabled:
+        shares = all_gather((first, feats[first:first + count], ok[first:first + count], sizes, unreadable))
+        sizes, unreadable = Counter(), []
+        for start, part_feats, part_ok, part_sizes, part_bad in shares:
+            feats[start:start + len(part_ok)], ok[start:start + len(part_ok)] = part_feats, part_ok
+            sizes.update(part_sizes)
+            unreadable.extend(part_bad)
     if not ok.any():
         raise UserError(f"{role} {image_set.source}: none of its {n} files is a readable image; check the files")
 
@@ -378,13 +387,33 @@ def extract_features(image_set: ImageSet, extractor: InceptionFeatures, *, batch
                 f"{extractor.input_size}x{extractor.input_size}",
                 "unreadable": {"count": len(unreadable), "examples": unreadable[:10]}}
     feats = feats[ok]
+    on_main(lambda: _write_cache(cache_file, feats, {"cache_key": key, "extractor": extractor.describe(),
+                                                     "set": {**image_set.describe(), **set_meta}}))
+    return SetFeatures({**image_set.describe(), **set_meta, "cache_file": str(cache_file), "cache_hit": False}, features=feats)
+
+
+def _read_cache(cache_file: Path, key: str, image_set: ImageSet) -> SetFeatures | None:
+    """The cached features of `image_set` (a file named after `key` that holds that key), or None."""
+    if not cache_file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(cache_file), "np") as fh:
+        meta = json.loads(fh.metadata()["uvq"])
+        if meta.get("cache_key") != key:
+            return None
+        feats = fh.get_tensor("features")
+    info = {**image_set.describe(), **meta["set"], "cache_file": str(cache_file), "cache_hit": True}
+    return SetFeatures(info, features=feats)
+
+
+def _write_cache(cache_file: Path, feats: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write a cache file atomically (rank 0 only under torchrun)."""
     from safetensors.numpy import save_file
 
-    cache.mkdir(parents=True, exist_ok=True)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache_file) as tmp:
-        save_file({"features": feats}, str(tmp), metadata={"uvq": json.dumps(
-            {"cache_key": key, "extractor": extractor.describe(), "set": {**image_set.describe(), **set_meta}})})
-    return SetFeatures({**image_set.describe(), **set_meta, "cache_file": str(cache_file), "cache_hit": False}, features=feats)
+        save_file({"features": feats}, str(tmp), metadata={"uvq": json.dumps(meta)})
 
 
 def set_warnings(role: str, info: dict[str, Any]) -> list[str]:

@@ -36,7 +36,7 @@ from uvq.evaluation.features import ImageSet, open_set
 from uvq.files import atomic_path, atomic_write_json
 from uvq.images import save_grid
 from uvq.progress import ProgressFn, null_progress
-from uvq.runtime import UserError
+from uvq.runtime import UserError, all_gather, batch_share, dist_info, on_main
 
 MODES = ("exact", "fast")
 
@@ -114,10 +114,10 @@ def _load_all(image_set: ImageSet, size: int, indices: Sequence[int] | None = No
     return kept, (torch.stack(images) if images else torch.zeros(0, 3, size, size)), bad
 
 
-def _stream(image_set: ImageSet, size: int, batch: int, bad: list[str]):
-    """Yield (indices, images [b,3,size,size]) over the whole set, skipping unreadable files."""
+def _stream(image_set: ImageSet, size: int, batch: int, bad: list[str], indices: Sequence[int] | None = None):
+    """Yield (indices, images [b,3,size,size]) over the whole set (or `indices`), skipping unreadable files."""
     idx, imgs = [], []
-    for i, x in _decoded(image_set, size, None, bad):
+    for i, x in _decoded(image_set, size, indices, bad):
         idx.append(i)
         imgs.append(x)
         if len(idx) == batch:
@@ -131,6 +131,11 @@ def _merge_topk(best_d: torch.Tensor, best_i: torch.Tensor, d: torch.Tensor, idx
     """Keep the k smallest of the running best [S,k] and a new block [S,b] (index order breaks ties)."""
     all_d = torch.cat([best_d, d], dim=1)
     all_i = torch.cat([best_i, idx.to(best_i.device)[None, :].expand(d.shape[0], -1)], dim=1)
+    return _smallest_k(all_d, all_i, k)
+
+
+def _smallest_k(all_d: torch.Tensor, all_i: torch.Tensor, k: int):
+    """The k smallest distances of each row of [S,m] candidates with their indices (ties: lower index)."""
     order = torch.argsort(all_i, dim=1, stable=True)  # ties in distance go to the lower index
     all_d, all_i = all_d.gather(1, order), all_i.gather(1, order)
     top = torch.sort(all_d, dim=1, stable=True).indices[:, :k]
@@ -175,17 +180,27 @@ def find_neighbours(samples: torch.Tensor, reference: ImageSet, lpips_model: nn.
     dist = torch.empty(s, k)
     index = torch.empty(s, k, dtype=torch.long)
     groups = range(0, s, group)
-    progress({"event": "start", "task": "neighbours", "total": n_ref * len(groups), "unit": "img"})
+    # Under torchrun each rank searches a contiguous run of whole batches of the reference
+    # (uvq.runtime.batch_share); the ranks' k best are then merged, with the same tie rule, into
+    # the k best of the whole reference.
+    info = dist_info()
+    first, count = batch_share(n_ref, batch_size, info)
+    share = range(first, first + count) if info.enabled else None
+    progress({"event": "start", "task": "neighbours", "total": count * len(groups), "unit": "img"})
     for g in groups:
         rows = slice(g, min(g + group, s))
         fs = lp.embed(samples[rows])
         best_d = torch.full((rows.stop - rows.start, 0), float("inf"), device=lp.device)
         best_i = torch.zeros((rows.stop - rows.start, 0), dtype=torch.long, device=lp.device)
         bad.clear()
-        for idx, images in _stream(reference, size, batch_size, bad):
+        for idx, images in _stream(reference, size, batch_size, bad, share) if count else ():
             d = lp.distance(fs, lp.embed(images))  # [S_g, b]
             best_d, best_i = _merge_topk(best_d, best_i, d, idx, k)
             progress({"event": "advance", "task": "neighbours", "n": len(idx), "metrics": {}})
+        if info.enabled:
+            parts = all_gather((best_d.cpu(), best_i.cpu(), list(bad)))
+            best_d, best_i = _smallest_k(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), k)
+            bad[:] = [key for p in parts for key in p[2]]
         if best_d.shape[1] < k:
             raise UserError(f"only {best_d.shape[1]} of the reference's {n_ref} images are readable; lower --k to at most that")
         dist[rows], index[rows] = best_d.cpu(), best_i.cpu()
@@ -291,36 +306,40 @@ def neighbours(samples: str | Path, reference: str | Path, out_dir: str | Path, 
     for w in warnings:
         progress({"event": "warn", "message": w})
 
-    out = Path(out_dir)
-    size = images.shape[-1]
-    flat = sorted(set(found["indices"].flatten().tolist()))
-    kept, ref_images, _ = _load_all(ref_set, size, flat)
-    by_index = dict(zip(kept, ref_images, strict=True))
-    rows = []
-    for i in range(images.shape[0]):
-        rows.append(images[i])
-        rows.extend(by_index[j] for j in found["indices"][i].tolist())
-    save_grid(torch.stack(rows), out / "neighbours.png", nrow=k + 1)
-    with atomic_path(out / "neighbours.csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["sample", "rank", "reference", "distance"])
-        for i, key in enumerate(keys):
-            for rank, (j, d) in enumerate(zip(found["indices"][i].tolist(), found["distances"][i].tolist(), strict=True), 1):
-                writer.writerow([key, rank, ref_set.keys[j], f"{d:.6f}"])
-    report = {
-        "uvq_report": "neighbours",
-        "mode": mode, "k": k, "prefilter": prefilter if mode == "fast" else None,
-        "lpips": {"net": lpips_name, "version": "0.1"},
-        "samples": {**sample_set.describe(), "n_images": len(keys), "size": f"{size}x{size}"},
-        "reference": {**ref_set.describe(), "n_images": len(ref_set.keys) - len(found["unreadable"]),
-                      "resized_to": f"{size}x{size}"},
-        "neighbours": [{"sample": key, "reference": [ref_set.keys[j] for j in found["indices"][i].tolist()],
-                        "distance": [round(d, 6) for d in found["distances"][i].tolist()]}
-                       for i, key in enumerate(keys)],
-        "files": {"grid": str(out / "neighbours.png"), "csv": str(out / "neighbours.csv")},
-        "seconds": round(seconds, 3), "device": str(device), "uvq_version": __version__, "warnings": warnings,
-    }
-    if mode == "fast":
-        report["lpips_evaluated"] = found["candidates"]
-    atomic_write_json(out / "neighbours.json", report)
-    return report
+    def write() -> dict[str, Any]:
+        """The grid, the CSV and the report (rank 0 only under torchrun)."""
+        out = Path(out_dir)
+        size = images.shape[-1]
+        flat = sorted(set(found["indices"].flatten().tolist()))
+        kept, ref_images, _ = _load_all(ref_set, size, flat)
+        by_index = dict(zip(kept, ref_images, strict=True))
+        rows = []
+        for i in range(images.shape[0]):
+            rows.append(images[i])
+            rows.extend(by_index[j] for j in found["indices"][i].tolist())
+        save_grid(torch.stack(rows), out / "neighbours.png", nrow=k + 1)
+        with atomic_path(out / "neighbours.csv") as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["sample", "rank", "reference", "distance"])
+            for i, key in enumerate(keys):
+                for rank, (j, d) in enumerate(zip(found["indices"][i].tolist(), found["distances"][i].tolist(), strict=True), 1):
+                    writer.writerow([key, rank, ref_set.keys[j], f"{d:.6f}"])
+        report = {
+            "uvq_report": "neighbours",
+            "mode": mode, "k": k, "prefilter": prefilter if mode == "fast" else None,
+            "lpips": {"net": lpips_name, "version": "0.1"},
+            "samples": {**sample_set.describe(), "n_images": len(keys), "size": f"{size}x{size}"},
+            "reference": {**ref_set.describe(), "n_images": len(ref_set.keys) - len(found["unreadable"]),
+                          "resized_to": f"{size}x{size}"},
+            "neighbours": [{"sample": key, "reference": [ref_set.keys[j] for j in found["indices"][i].tolist()],
+                            "distance": [round(d, 6) for d in found["distances"][i].tolist()]}
+                           for i, key in enumerate(keys)],
+            "files": {"grid": str(out / "neighbours.png"), "csv": str(out / "neighbours.csv")},
+            "seconds": round(seconds, 3), "device": str(device), "uvq_version": __version__, "warnings": warnings,
+        }
+        if mode == "fast":
+            report["lpips_evaluated"] = found["candidates"]
+        atomic_write_json(out / "neighbours.json", report)
+        return report
+
+    return on_main(write)

@@ -468,13 +468,23 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     """
     from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
     from uvq.config import VQGANConfig, section_from_dict
-    from uvq.files import atomic_write_json, claim_out_dir
+    from uvq.files import atomic_write_json
     from uvq.images import save_grid, save_png
-    from uvq.runtime import resolve_device
-    from uvq.sampling.outputs import SAMPLE_NAME, SAMPLES_JSON
+    from uvq.runtime import (
+        JobProgress,
+        batch_share,
+        gather_to_main,
+        init_distributed,
+        on_main,
+        reduce_numbers,
+        resolve_device,
+        share_rounds,
+    )
+    from uvq.sampling.outputs import SAMPLE_NAME, SAMPLES_JSON, claim_shared
 
-    progress = progress or null_progress
     t_begin = time.perf_counter()
+    info = init_distributed(resolve_device(device))
+    progress = (progress or null_progress) if info.is_main else null_progress
     check_temp(temp)
     if n < 1 or batch_size < 1:
         raise UserError("-n and --batch-size must be >= 1")
@@ -500,24 +510,32 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
     verify_checkpoint(prior_meta["path"], "prior")
     verify_checkpoint(vq_meta["path"], "vqgan")
-    claim = claim_out_dir(out_dir, command="upscale-canvas", overwrite=overwrite,
-                          inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
-                          entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
-    out = claim.path
+    out, claim = claim_shared(out_dir, command="upscale-canvas", overwrite=overwrite,
+                              inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"]),
+                              entries=("grid.png", SAMPLES_JSON), patterns=(SAMPLE_NAME.replace("{:06d}", "*"),))
     net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev, allow_other_vqgan=allow_other_vqgan)
 
     progress({"event": "log", "message": f"canvas {canvas[0]}x{canvas[1]} latents "
               f"({canvas[0] * downsample}x{canvas[1] * downsample} pixels), {len(geometry)} windows of "
               f"{window[0]}x{window[1]} at stride {stride}{' (wrapped)' if wrap else ''}, {steps} steps"})
-    progress({"event": "start", "task": "canvas", "total": None, "unit": "step"})
+    # This rank's share: whole batches of the one-process run (uvq.runtime.batch_share). Each rank
+    # writes its own canvases; the grid's images go to rank 0. "canvas" counts the whole job's
+    # canvases; "canvas steps" the chain steps of rank 0's share.
+    first, count = batch_share(n, batch_size, info)
+    job = JobProgress(progress, "canvas", n, share_rounds(n, batch_size, info.world_size))
+    progress({"event": "start", "task": "canvas steps", "total": None, "unit": "step"})
+
+    def steps_progress(event: dict[str, Any]) -> None:
+        progress({**event, "task": "canvas steps"} if event.get("task") == "canvas" else event)
+
     stats = CanvasStats()
     decode_s = write_s = 0.0
     grid_images: list[torch.Tensor] = []
-    for start in range(0, n, batch_size):
+    for start in range(first, first + count, batch_size):
         tokens, batch_stats = sample_canvases(
             net, min(batch_size, n - start), canvas, steps=steps, temp=temp, seed=seed, batch_size=batch_size,
             start_index=start, device=dev, window=window, stride=stride, windows=windows, wrap=wrap, sampler=sampler,
-            options=options, batch_windows=batch_windows, precision=precision, progress=progress)
+            options=options, batch_windows=batch_windows, precision=precision, progress=steps_progress)
         for field_name in ("steps", "chain_passes", "windows_evaluated", "network_calls", "tokens_s"):
             setattr(stats, field_name, getattr(stats, field_name) + getattr(batch_stats, field_name))
         t0 = time.perf_counter()
@@ -525,36 +543,49 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
         t1 = time.perf_counter()
         for j in range(images.shape[0]):
             save_png(images[j], out / SAMPLE_NAME.format(start + j))
-        grid_images.extend(images[: 16 - len(grid_images)])
+        if start < 16:
+            grid_images.extend(images[: 16 - start])
         decode_s += t1 - t0
         write_s += time.perf_counter() - t1
-    progress({"event": "end", "task": "canvas"})
-    grid_path = save_grid(torch.stack(grid_images), out / "grid.png", nrow=min(4, len(grid_images)))
-    total_s = time.perf_counter() - t_begin
-    summary = {
-        **provenance_header("upscale-canvas", out, n, prior_meta, weights, vq_meta, vq_weights),
-        "canvas": {"latents": list(canvas), "pixels": [canvas[0] * downsample, canvas[1] * downsample],
-                   "window": list(window), "stride": stride, "windows": windows, "wrap": wrap,
-                   "windows_per_step": len(geometry) if random_m is None else random_m},
-        "seed": seed,
-        "steps": steps,
-        "order": order,
-        "temperature": temp,
-        "sampler": sampler,
-        "sampler_options": options,
-        "batch_size": batch_size,
-        "batch_windows": batch_windows,
-        "device": str(dev),
-        "precision": precision if dev.type == "cuda" else "fp32",
-        "network_passes": stats.windows_evaluated,
-        "network_passes_per_image": stats.windows_evaluated / n,
-        "forward_calls": stats.network_calls,
-        "timing": {"tokens_s": round(stats.tokens_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
-                   "total_s": round(total_s, 3), "seconds_per_image": round((stats.tokens_s + decode_s) / n, 3),
-                   "images_per_s": round(n / max(stats.tokens_s + decode_s, 1e-9), 4)},
-        "files": {"images": SAMPLE_NAME.replace("{:06d}", "%06d"), "grid": grid_path.name},
-        "grid": str(grid_path),
-    }
-    atomic_write_json(out / SAMPLES_JSON, summary)
-    claim.release()
-    return summary
+        job.advance(images.shape[0])
+    progress({"event": "end", "task": "canvas steps"})
+    job.finish()
+    windows_evaluated, network_calls = reduce_numbers([stats.windows_evaluated, stats.network_calls], "sum")
+    tokens_s, decode_s, write_s = reduce_numbers([stats.tokens_s, decode_s, write_s], "max")
+    gathered = gather_to_main(grid_images)
+
+    def write_shared() -> dict[str, Any]:
+        """Rank 0, after every rank's canvases: the grid and samples.json."""
+        grid_all = [im for part in gathered for im in part]
+        grid_path = save_grid(torch.stack(grid_all), out / "grid.png", nrow=min(4, len(grid_all)))
+        total_s = time.perf_counter() - t_begin
+        summary = {
+            **provenance_header("upscale-canvas", out, n, prior_meta, weights, vq_meta, vq_weights),
+            "canvas": {"latents": list(canvas), "pixels": [canvas[0] * downsample, canvas[1] * downsample],
+                       "window": list(window), "stride": stride, "windows": windows, "wrap": wrap,
+                       "windows_per_step": len(geometry) if random_m is None else random_m},
+            "seed": seed,
+            "steps": steps,
+            "order": order,
+            "temperature": temp,
+            "sampler": sampler,
+            "sampler_options": options,
+            "batch_size": batch_size,
+            "batch_windows": batch_windows,
+            "device": str(dev),
+            "precision": precision if dev.type == "cuda" else "fp32",
+            "world_size": info.world_size,
+            "network_passes": int(windows_evaluated),
+            "network_passes_per_image": windows_evaluated / n,
+            "forward_calls": int(network_calls),
+            "timing": {"tokens_s": round(tokens_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
+                       "total_s": round(total_s, 3), "seconds_per_image": round((tokens_s + decode_s) / n, 3),
+                       "images_per_s": round(n / max(tokens_s + decode_s, 1e-9), 4)},
+            "files": {"images": SAMPLE_NAME.replace("{:06d}", "%06d"), "grid": grid_path.name},
+            "grid": str(grid_path),
+        }
+        atomic_write_json(out / SAMPLES_JSON, summary)
+        claim.release()
+        return summary
+
+    return on_main(write_shared)

@@ -373,12 +373,21 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     """
     from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
     from uvq.config import VQGANConfig, section_from_dict
-    from uvq.files import atomic_write_json, claim_out_dir
-    from uvq.runtime import resolve_device
-    from uvq.sampling.outputs import provenance_header
+    from uvq.runtime import (
+        JobProgress,
+        batch_share,
+        gather_to_main,
+        init_distributed,
+        on_main,
+        reduce_numbers,
+        resolve_device,
+        share_rounds,
+    )
+    from uvq.sampling.outputs import claim_shared, provenance_header
 
-    progress = progress or null_progress
     t_begin = time.perf_counter()
+    info = init_distributed(resolve_device(device))
+    progress = (progress or null_progress) if info.is_main else null_progress
     check_temp(temp)
     if n < 1:
         raise UserError(f"-n must be >= 1 (got {n})")
@@ -410,17 +419,21 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
     # Damaged weights are refused before the output directory is touched (a refused command changes nothing).
     verify_checkpoint(prior_meta["path"], "prior")
     verify_checkpoint(vq_meta["path"], "vqgan")
-    claim = claim_out_dir(out_dir, command="inpaint", overwrite=overwrite,
-                          inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
-                          entries=[*names, "inpaint.json"])
-    out = claim.path
+    out, claim = claim_shared(out_dir, command="inpaint", overwrite=overwrite,
+                              inputs=(prior, prior_meta["path"], vqgan, vq_meta["path"], inputs, mask, masks),
+                              entries=[*names, "inpaint.json"])
     net, prior_meta, vq_model, vq_meta, vq_weights = load_pair(prior, vqgan, weights=weights, device=dev, allow_other_vqgan=allow_other_vqgan)
 
+    # This rank's share: a contiguous run of the inputs (uvq.runtime.batch_share with batches of
+    # one input); each rank writes its inputs' files, rank 0 the record of all of them.
+    for job in jobs:
+        progress({"event": "log", "message": f"{job.source}: {job.note}"})
+    first, count = batch_share(len(jobs), 1, info)
+    tracker = JobProgress(progress, "inpaint", len(jobs), share_rounds(len(jobs), 1, info.world_size))
     stats = CanvasStats()
     records = []
-    progress({"event": "start", "task": "inpaint", "total": len(jobs), "unit": "img"})
-    for i, job in enumerate(jobs):
-        progress({"event": "log", "message": f"{job.source}: {job.note}"})
+    for i in range(first, first + count):
+        job = jobs[i]
         with torch.inference_mode():
             codes = vq_model.encode_codes(job.pixels[None].to(dev))[0]  # [h, w]
         lmask = dilate(latent_mask(job.region, f), dilate_latents)  # [h', w']
@@ -449,11 +462,12 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
                         "extend": job.extend, "masked_latents": int(lmask.sum()), "latents": int(lmask.numel()),
                         "t_start": result.t_start, "steps": result.steps, "files": files, "grid": grid.name,
                         "sample_ids": [i * n, (i + 1) * n - 1]})
-        progress({"event": "advance", "task": "inpaint", "n": 1,
-                  "metrics": {"masked": int(lmask.sum()), "t_start": result.t_start}})
-    progress({"event": "end", "task": "inpaint"})
-    total_s = time.perf_counter() - t_begin
-    summary = {
+        tracker.advance(1, {"masked": int(lmask.sum()), "t_start": result.t_start})
+    tracker.finish()
+    windows_evaluated, = reduce_numbers([stats.windows_evaluated], "sum")
+    tokens_s, = reduce_numbers([stats.tokens_s], "max")
+    gathered = gather_to_main(records)
+    return on_main(lambda: _write_record(out, claim, [r for part in gathered for r in part], {
         **provenance_header("inpaint", out, n, prior_meta, weights, vq_meta, vq_weights),
         "seed": seed,
         "temperature": temp,
@@ -467,10 +481,18 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
         "windows": windows,
         "device": str(dev),
         "precision": precision if dev.type == "cuda" else "fp32",
-        "network_passes": stats.windows_evaluated,
-        "timing": {"tokens_s": round(stats.tokens_s, 3), "total_s": round(total_s, 3)},
-        "inputs": records,
-    }
+        "world_size": info.world_size,
+        "network_passes": int(windows_evaluated),
+        "timing": {"tokens_s": round(tokens_s, 3), "total_s": round(time.perf_counter() - t_begin, 3)},
+    }))
+
+
+def _write_record(out: Path, claim, records: list[dict[str, Any]], head: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after every rank's inputs: inpaint.json (the head, then every input's record in order)."""
+    from uvq.files import atomic_write_json
+
+    summary = {**head, "inputs": records}
     atomic_write_json(out / "inpaint.json", summary)
     claim.release()
     return summary
+
