@@ -14,9 +14,11 @@ import torch
 
 from uvq import __version__
 from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
+from uvq.errors import Stopped
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, bind_sampler, iter_samples
+from uvq.stopping import StopRequest
 
 SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
@@ -43,13 +45,16 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                   sampler: str = DEFAULT_SAMPLER, options: dict[str, Any] | None = None, grid: bool = True,
                   codes: bool = False, images: bool = True, weights: str = "default", device: str = "auto",
                   precision: str = "bf16", compile: bool = False, cuda_graphs: bool = False,
-                  overwrite: bool = False, allow_other_vqgan: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, allow_other_vqgan: bool = False, progress: ProgressFn | None = None,
+                  stop: StopRequest | None = None) -> dict[str, Any]:
     """Sample n images from a prior checkpoint into `out_dir`; return the summary (samples.json).
 
     Writes sample-000000.png ... (stable names: sample i is the i-th of the seed), grid.png (the
     first 64, when `grid`), codes/ (the token grids as latent shards with a manifest naming the
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
-    `images=False` writes codes only and needs no VQGAN.
+    `images=False` writes codes only and needs no VQGAN. On a signal (`stop`, uvq.stopping) the
+    batch in progress is written, then uvq.errors.Stopped is raised: the PNGs written are complete
+    (atomic), samples.json is not written, and a re-run with `overwrite` writes the same bytes.
     """
     from uvq.files import atomic_write_json, claim_out_dir
     from uvq.images import save_grid, save_png
@@ -84,6 +89,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     grid_images: list[torch.Tensor] = []
     all_codes: list[tuple[str, Any]] = []
     write_s = 0.0
+    stop = stop if stop is not None else StopRequest()
+    stop.watch()
     for batch in iter_samples(net, n, vqgan=vq_model if images else None, steps=steps, temp=temp, seed=seed,
                               batch_size=batch_size, sampler=sampler, options=options, device=dev,
                               precision=precision, compile=compile, cuda_graphs=cuda_graphs,
@@ -99,6 +106,11 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         if images and grid and len(grid_images) < 64:
             grid_images.extend(batch.images[: 64 - len(grid_images)])
         write_s += time.perf_counter() - t0
+        reason = stop.should_stop()
+        if reason is not None:
+            claim.release()
+            raise Stopped(reason, f"samples 0..{batch.start + grids.shape[0] - 1} are written in {out}; "
+                                  "--overwrite writes the same bytes again")
 
     grid_path = codes_dir = None
     if grid_images:
