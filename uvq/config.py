@@ -575,11 +575,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # X | None: X's own message (a range or a finiteness rule, not just "wrong type")
             return _coerce(value, options[0], path)
+        errors = []
         for arg in options:
             try:
                 return _coerce(value, arg, path)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                errors.append((arg, exc))
+        numeric = [exc for arg, exc in errors if arg in (int, float)]
+        if numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise numeric[0]  # a number out of a number's rules (inf, nan, > 64 bits): say which rule
         raise ConfigError(f"{path} has the wrong type: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
     if origin is Literal:
         if value not in args:

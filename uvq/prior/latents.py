@@ -406,8 +406,10 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
         flip_copies: also store the codes of each horizontally flipped image, under "<key>.flip".
         weights: which weights of the checkpoint were loaded ("ema" / "model"), for the manifest.
         stop: the request to stop early (uvq.stopping). On a signal or the time limit each rank
-            finishes the shard it is writing and stops; the ranks then agree, no manifest is
-            written, and uvq.errors.Stopped is raised. A re-run encodes only the missing shards.
+            stops after its batch in progress and drops the shard it was writing (its `.tmp`): a
+            shard of 10,000 images can outlast the grace SLURM gives after SIGTERM (KillWait, 30 s
+            by default). The ranks then agree, no manifest is written, and uvq.errors.Stopped is
+            raised; a re-run encodes only the missing shards.
 
     Shard j of a split holds the images j*shard_size .. (j+1)*shard_size-1 of this rank's
     deterministic pass over that split. Under torchrun rank r writes the global shard numbers
@@ -495,9 +497,12 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
             if writer is not None and position % shard_size == 0:
                 writer.close()
                 writer = None
-            # Asked to stop: finish the shard being written, then leave (each rank on its own).
+            # Asked to stop: drop the unfinished shard and leave (each rank on its own).
             stopping = stopping or stop.should_stop()
-            if stopping is not None and writer is None:
+            if stopping is not None:
+                if writer is not None:
+                    writer.abort()
+                    writer = None
                 break
         if writer is not None:
             writer.close()
