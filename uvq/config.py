@@ -31,6 +31,7 @@ import yaml
 
 from uvq.registry import resolve_config
 from uvq.runtime import UserError
+from uvq.stopping import parse_time_limit
 
 # The packaged recipes are package data (uvq/recipes/*.yaml), read through importlib.resources so
 # that an installed wheel finds them; the repository's top-level `recipes` is a link to that folder.
@@ -497,12 +498,32 @@ class RunConfig:
     # Under torchrun: how long a collective may wait for the other ranks before the job stops
     # with one line (torch.distributed's own default is 30 minutes for gloo, 10 for nccl).
     dist_timeout_s: float = 300.0
+    # Stopping early (uvq.stopping, docs/reliability.md): a long command stops `stop_margin_s`
+    # (plus one step and its longest checkpoint write so far) before `time_limit` after its start,
+    # saves its state and exits 75. Seconds, or SLURM's "HH:MM:SS" / "D-HH:MM:SS"; null: no limit.
+    time_limit: float | str | None = None
+    stop_margin_s: float = 60.0
+    # Under torchrun the ranks agree whether to stop with one all-reduce every this many steps.
+    stop_check_every: int = 10
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """`time_limit` in seconds (None when unset)."""
+        return None if self.time_limit is None else parse_time_limit(self.time_limit)
 
     def validate(self, path: str) -> None:
         _range(f"{path}.seed", self.seed, 0, SEED_MAX, why="seeds derived from it must fit torch's 64-bit seed")
-        for name in ("log_every", "image_every", "ckpt_every", "keep_last"):
+        for name in ("log_every", "image_every", "ckpt_every", "keep_last", "stop_check_every"):
             _range(f"{path}.{name}", getattr(self, name), 1)
         _range(f"{path}.dist_timeout_s", self.dist_timeout_s, 1, 86400)
+        _range(f"{path}.stop_margin_s", self.stop_margin_s, 0)
+        if self.time_limit is not None:
+            try:
+                limit = parse_time_limit(self.time_limit, f"{path}.time_limit")
+            except UserError as exc:
+                raise ConfigError(str(exc)) from None
+            _check(limit > self.stop_margin_s, f"{path}.time_limit ({limit:g} s) must exceed {path}.stop_margin_s "
+                                               f"({self.stop_margin_s:g} s): lower the margin or raise the limit")
 
 
 @dataclass
@@ -646,11 +667,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # X | None: X's own message (a range or a finiteness rule, not just "wrong type")
             return _coerce(value, options[0], path)
+        errors = []
         for arg in options:
             try:
                 return _coerce(value, arg, path)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                errors.append((arg, exc))
+        numeric = [exc for arg, exc in errors if arg in (int, float)]
+        if numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise numeric[0]  # a number out of a number's rules (inf, nan, > 64 bits): say which rule
         raise ConfigError(f"{path} has the wrong type: expected {' or '.join(_type_name(a) for a in args)}, got {_short(value)}")
     if origin is Literal:
         if value not in args:

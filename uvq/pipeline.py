@@ -40,6 +40,7 @@ from uvq.files import (
 )
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
+from uvq.stopping import StopRequest, from_run_config
 
 STAGES = ("vqgan", "latents", "prior", "samples", "eval")
 STAGE_COMMANDS = {"vqgan": "fit-vqgan", "latents": "encode", "prior": "fit-prior", "samples": "sample", "eval": "eval"}
@@ -114,13 +115,14 @@ class StageContext:
     progress: ProgressFn
     argv: list[str] | None
     resume: bool  # an interrupted attempt with the same fingerprint exists
+    stop: StopRequest  # one request for every stage: a signal or run.time_limit stops the stage in progress
 
 
 def _run_vqgan(ctx: StageContext) -> dict[str, Any]:
     from uvq.vqgan.train import fit_vqgan
 
     return fit_vqgan(ctx.cfg, ctx.run / "vqgan", device=ctx.device, resume=ctx.resume, overwrite=not ctx.resume,
-                     progress=ctx.progress, argv=ctx.argv)
+                     progress=ctx.progress, argv=ctx.argv, stop=ctx.stop)
 
 
 def _run_latents(ctx: StageContext) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def _run_latents(ctx: StageContext) -> dict[str, Any]:
     # a fresh encode clears the shards of another fingerprint first (overwrite)
     manifest = encode_dataset(model, meta, ctx.cfg.data, ctx.run / "latents", batch_size=ec.batch_size,
                               shard_size=ec.shard_size, flip_copies=ec.flip_copies, weights=ec.weights, device=dev,
-                              overwrite=not ctx.resume, progress=ctx.progress)
+                              overwrite=not ctx.resume, progress=ctx.progress, stop=ctx.stop)
     return {"num_samples": manifest["num_samples"], "latent_shape": manifest["latent_shape"]}
 
 
@@ -144,7 +146,7 @@ def _run_prior(ctx: StageContext) -> dict[str, Any]:
 
     return fit_prior(ctx.cfg, ctx.run / "latents", ctx.run / "prior", device=ctx.device, resume=ctx.resume,
                      overwrite=not ctx.resume, vqgan=resolve_checkpoint(ctx.run / "vqgan"), progress=ctx.progress,
-                     argv=ctx.argv)
+                     argv=ctx.argv, stop=ctx.stop)
 
 
 def _run_samples(ctx: StageContext) -> dict[str, Any]:
@@ -156,7 +158,7 @@ def _run_samples(ctx: StageContext) -> dict[str, Any]:
                          steps=sc.steps, temp=sc.temp, seed=ctx.cfg.run.seed, batch_size=sc.batch_size,
                          sampler=sc.sampler, options=sc.options, grid=sc.grid, device=ctx.device,
                          precision=sc.precision, compile=sc.compile, cuda_graphs=sc.cuda_graphs, overwrite=True,
-                         progress=ctx.progress)
+                         progress=ctx.progress, stop=ctx.stop)
 
 
 def _run_eval(ctx: StageContext) -> dict[str, Any]:
@@ -212,13 +214,17 @@ def _open_run(run: Path, cfg: Config) -> OutDir:
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", until: str | None = None,
-                 progress: ProgressFn | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+                 progress: ProgressFn | None = None, argv: list[str] | None = None,
+                 stop: StopRequest | None = None) -> dict[str, Any]:
     """Run the stages in order into `out_dir`, skipping complete ones; return a summary.
 
     `until` stops after that stage (a name of STAGES or its command: fit-vqgan, encode, ...).
-    The eval stage runs only when cfg.eval.metrics is non-empty.
+    The eval stage runs only when cfg.eval.metrics is non-empty. On a signal or at
+    run.time_limit (`stop`, uvq.stopping) the stage in progress saves its state and raises
+    uvq.errors.Stopped; its record stays "running", so the next call resumes it.
     """
     progress = progress or null_progress
+    stop = from_run_config(stop, cfg.run)  # one deadline for the whole call, from its start
     stages = list(STAGES if cfg.eval.metrics else STAGES[:-1])
     if until is not None:
         by_command = {v: k for k, v in STAGE_COMMANDS.items()}
@@ -254,7 +260,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", unti
             state["stages"].pop(later, None)  # their inputs are about to change
         atomic_write_json(run / STATE_FILE, state)
         t0 = time.time()
-        result = RUNNERS[stage](StageContext(cfg, run, device, progress, argv, resume))
+        result = RUNNERS[stage](StageContext(cfg, run, device, progress, argv, resume, stop))
         seconds = time.time() - t0
         current = output_hash(run, stage)
         if current is None:

@@ -229,12 +229,18 @@ class JobProgress:
     reports the sum. `finish()` pads a rank that had fewer batches than `rounds` with zeros, so
     every rank makes the same collectives, then reports the end. `inner` is the callback for the
     library code running a share: rank 0's events go through, except those of `task` itself.
+
+    With a `stop` request (uvq.stopping), `advance` and `finish` also answer whether to stop
+    early, the same answer on every rank for the same round (`StopRequest.should_stop`, one more
+    all-reduce per round), so a rank that got the signal and one that did not stop together.
     """
 
-    def __init__(self, progress, task: str, total: int | None, rounds: int, unit: str = "img") -> None:
+    def __init__(self, progress, task: str, total: int | None, rounds: int, unit: str = "img",
+                 stop=None) -> None:
         self.main = dist_info().is_main
         self.progress, self.task, self.rounds, self.calls = progress, task, rounds, 0
         self.pooled = _dist() is not None
+        self.stop = stop
         if self.main:
             progress({"event": "start", "task": task, "total": total, "unit": unit})
 
@@ -242,17 +248,27 @@ class JobProgress:
         if self.main and event.get("task") != self.task:
             self.progress(event)
 
-    def advance(self, n: int, metrics: dict | None = None) -> None:
+    def advance(self, n: int, metrics: dict | None = None) -> str | None:
+        """Count a batch; the agreed reason to stop now (a signal's name, "time limit") or None."""
         self.calls += 1
+        dist = _dist()
         done = int(reduce_numbers([n])[0]) if self.pooled else n
         if self.main:
             self.progress({"event": "advance", "task": self.task, "n": done, "metrics": metrics or {}})
+        if self.stop is None:
+            return None
+        return self.stop.should_stop(dist_info(), _comm_device(dist) if dist is not None else None)
 
-    def finish(self, metrics: dict | None = None) -> None:
+    def finish(self, metrics: dict | None = None) -> str | None:
+        """Pad the rounds this rank did not have; the agreed reason to stop, if one came meanwhile."""
+        reason = None
         while self.calls < self.rounds:
-            self.advance(0)
+            reason = self.advance(0) or reason
+            if reason is not None:
+                return reason
         if self.main:
             self.progress({"event": "end", "task": self.task, **({"metrics": metrics} if metrics else {})})
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

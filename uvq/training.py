@@ -8,6 +8,7 @@
   sync in the step path); `reduce` sums over ranks under torchrun and crosses to the host once,
   at log time. A NaN or inf carries into its sum, so divergence is caught there (and at each
   checkpoint, before non-finite weights are written) without a per-step check.
+- `resolve_resume`: what `--resume auto` means.
 - `TrainerState`: the record in a checkpoint's trainer.pt (optimisers, GradScalers, EMA
   counters, best metric, and per rank the RNG states, the data position and the meter's sums),
   built by `capture` and restored by `resume`, the one resume path of both loops. The EMA's
@@ -28,6 +29,7 @@ import torch
 
 from uvq.checkpoint import load_state_dict, load_trainer_state
 from uvq.ema import EMA
+from uvq.files import read_record
 from uvq.progress import ProgressFn
 from uvq.rundir import RunDir
 from uvq.runtime import DistInfo, UserError, rng_state, set_rng_state
@@ -283,3 +285,22 @@ def resume(run: RunDir, dist: DistInfo, *, kind: str, model: torch.nn.Module, op
     meter.load_state_dict(mine.meter)
     progress({"event": "log", "message": f"resumed {run.path} at step {state.step} from {last.name}"})
     return last, state
+
+
+# ---------------------------------------------------------------------------------------------
+# `--resume auto` (docs/reliability.md, "Signals and time limits")
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_resume(resume: bool | str | None, out_dir: str | Path) -> bool:
+    """Whether to continue `out_dir`: `--resume` (True or "last") always, `--resume auto` when the
+    directory holds a run of uvq's (its `.uvq` record; a run killed before its first checkpoint
+    then restarts from step 0 in place), None or False never."""
+    if resume in (None, False):
+        return False
+    if resume in (True, "last"):
+        return True
+    if resume == "auto":
+        return read_record(out_dir) is not None if Path(out_dir).is_dir() else False
+    raise UserError(f"--resume takes no value or `auto`, not {resume!r}")
+

@@ -2,8 +2,12 @@
 
 Error policy: a `UserError` (or a bad flag) prints one line `error: ...` on stderr and exits
 2; any other exception prints one line and exits 1. `--debug` shows the traceback instead.
-An interruption never exits 0: SIGINT (Ctrl-C) exits 130 and SIGTERM 143 (128 + the signal's
-number, the shell's convention), after one line saying what was kept and how to go on.
+An interruption never exits 0. While a long command's loop runs (uvq.stopping), a first
+SIGTERM, SIGUSR1 or SIGINT asks it to stop after the current step: it saves its state and the
+command exits 75 (uvq.errors.EXIT_REQUEUE, "requeue me"), as it does at `run.time_limit`.
+Otherwise, and at a second signal, the command stops at once: SIGINT (Ctrl-C) exits 130, SIGTERM
+143 and SIGUSR1 138 (128 + the signal's number, the shell's convention), after one line saying
+what was kept and how to go on.
 
 Start-up cost: this module and the command modules import neither torch nor numpy; each command
 imports the library it wraps inside its function, so `uvq --help`, `uvq --version` and a mistyped
@@ -26,7 +30,8 @@ try:  # typer >= 0.2x vendors click and exposes its exception base here
 except ImportError:  # older typer re-uses click's
     from click import ClickException as _CliError
 from uvq.cli.common import STATE, eval_app
-from uvq.errors import UserError
+from uvq.errors import EXIT_REQUEUE, Stopped, UserError
+from uvq.stopping import StopRequest
 
 app = typer.Typer(
     name="uvq",
@@ -69,7 +74,7 @@ PANELS = {
 # What an interrupted command leaves behind and how to go on, for the line it prints. Every
 # option named here is one the command has (tests/test_cli_core.py checks it).
 _RESUME_TRAINING = ("checkpoints written so far are kept in the run directory; rerun the same command "
-                    "with --resume to continue from the last one")
+                    "with --resume auto to continue from the last one")
 INTERRUPT_HINTS = {
     "fit-vqgan": _RESUME_TRAINING,
     "fit-prior": _RESUME_TRAINING,
@@ -148,21 +153,28 @@ class Interrupted(KeyboardInterrupt):
     (uvq.files) run on SIGTERM exactly as they do on Ctrl-C."""
 
 
-def _install_signal_handlers(received: list[int]) -> dict[int, object]:
-    """SIGTERM (and SIGINT, where Python's own Ctrl-C handler is in place) append the signal's
-    number to `received` and raise `Interrupted`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _install_signal_handlers(received: list[int], stop: StopRequest) -> dict[int, object]:
+    """SIGTERM, SIGUSR1 (and SIGINT, where Python's own Ctrl-C handler is in place) append the
+    signal's number to `received`; the first one while a loop watches `stop` asks it to stop
+    after its step, any other raises `Interrupted` (a second signal stops at once).
 
     A SIGINT that the parent ignores (a background job of a shell script) stays ignored. Returns
     the previous handlers; handlers can only be set from the main thread, elsewhere none are.
     """
     def interrupt(signum: int, frame) -> None:
         received.append(signum)
+        if stop.watched and stop.signum is None:
+            stop.request(signum)
+            return
         raise Interrupted(signal.Signals(signum).name)
 
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
             previous[signum] = signal.signal(signum, interrupt)
     return previous
@@ -174,6 +186,25 @@ def _interrupted(signum: int, path: list[str]) -> int:
     hint = INTERRUPT_HINTS.get(path[0], _DEFAULT_HINT) if path else None
     print(f"error: interrupted by {name}; {hint}" if hint else f"error: interrupted by {name}", file=sys.stderr)
     return 128 + signum
+
+
+def _stopped(exc: Stopped, path: list[str]) -> int:
+    """Print the one line of a command that stopped early with its state saved; return 75."""
+    again = " with --resume auto" if path and path[0] in ("fit-vqgan", "fit-prior") else ""
+    print(f"error: {exc}; rerun the same command{again} to continue (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
+    return EXIT_REQUEUE
+
+
+def normalise_resume(args: list[str]) -> list[str]:
+    """`--resume` alone means `--resume=last` (the form before `--resume auto` existed); click
+    options take a value or none, never either, so the bare flag is spelt out here."""
+    out = list(args)
+    for i, word in enumerate(out):
+        if word == "--":
+            break
+        if word == "--resume" and (i + 1 >= len(out) or out[i + 1] not in ("auto", "last")):
+            out[i] = "--resume=last"
+    return out
 
 
 def _leave_process_group() -> None:
@@ -210,20 +241,22 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     STATE.reset(argv=["uvq", *args], debug="--debug" in args)
     received: list[int] = []
-    previous = _install_signal_handlers(received)
+    previous = _install_signal_handlers(received, STATE.stop)
     path: list[str] = []
     try:
         command = build_command()
         path = _command_path(command, args)
         # With standalone_mode=False click returns the exit code of `typer.Exit` (0 for --help
         # and --version) and turns a KeyboardInterrupt inside a command into the value 130.
-        code = command.main(args=args, prog_name="uvq", standalone_mode=False)
+        code = command.main(args=normalise_resume(args), prog_name="uvq", standalone_mode=False)
         if received or code == 130:
-            code = _interrupted(received[0] if received else signal.SIGINT, path)
+            code = _interrupted(received[-1] if received else signal.SIGINT, path)
+    except Stopped as exc:  # stopped early on a signal or the time limit, its state saved
+        code = _stopped(exc, path)
     except KeyboardInterrupt:  # outside the command (while the tree is built), or `Interrupted`
-        code = _interrupted(received[0] if received else signal.SIGINT, path)
+        code = _interrupted(received[-1] if received else signal.SIGINT, path)
     except Exception as exc:  # a signal's cleanup may fail too: the signal still decides the status
-        code = _interrupted(received[0], path) if received else _failed(exc)
+        code = _interrupted(received[-1], path) if received else _failed(exc)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

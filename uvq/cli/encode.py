@@ -7,13 +7,16 @@ from pathlib import Path
 import typer
 
 from uvq.cli.common import (
+    STATE,
     DebugOpt,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    TimeLimitOpt,
     apply_local,
     emit,
     reporter,
+    time_limit_override,
 )
 
 
@@ -33,6 +36,7 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights", help="default, ema or model (default: encode.weights, "
                                                             "i.e. the checkpoint's default, EMA when present)."),
         device: str = DeviceOpt,
+        time_limit: str = TimeLimitOpt,
         overwrite: bool = OverwriteOpt,
         json_flag: bool = JsonOpt,
         debug: bool = DebugOpt,
@@ -42,9 +46,10 @@ def register(app: typer.Typer) -> None:
         from uvq.config import config_from_dict, load_config
         from uvq.prior.latents import encode_dataset, encode_out_check
         from uvq.runtime import UserError, init_distributed, resolve_device, shutdown_distributed
+        from uvq.stopping import from_run_config
 
         apply_local(json_flag, debug)
-        extra = list(overrides or [])
+        extra = list(overrides or []) + time_limit_override(time_limit)
         if data is not None:
             extra.append(f"data.source={data}")
         if recipe is not None:
@@ -70,7 +75,8 @@ def register(app: typer.Typer) -> None:
             manifest = encode_dataset(model, meta, cfg.data, out,
                                       batch_size=batch_size or cfg.encode.batch_size, shard_size=cfg.encode.shard_size,
                                       flip_copies=cfg.encode.flip_copies if flip_copies is None else flip_copies,
-                                      weights=which, device=dev, overwrite=overwrite, progress=rep)
+                                      weights=which, device=dev, overwrite=overwrite, progress=rep,
+                                      stop=from_run_config(STATE.stop, cfg.run))
         finally:
             rep.close()
             shutdown_distributed()

@@ -12,10 +12,13 @@ from uvq.cli.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    ResumeOpt,
     SeedOpt,
+    TimeLimitOpt,
     apply_local,
     emit,
     reporter,
+    time_limit_override,
 )
 
 
@@ -30,7 +33,8 @@ def register(app: typer.Typer) -> None:
                                                         "(overrides prior_train.vqgan); mismatched shards are refused."),
         device: str = DeviceOpt,
         seed: int = SeedOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+        resume: str = ResumeOpt,
+        time_limit: str = TimeLimitOpt,
         overwrite: bool = OverwriteOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything, print the resolved config and exit."),
         json_flag: bool = JsonOpt,
@@ -40,16 +44,19 @@ def register(app: typer.Typer) -> None:
         from uvq.config import load_config, to_yaml
         from uvq.prior.train import check_fit_prior, fit_prior
         from uvq.runtime import shutdown_distributed
+        from uvq.training import resolve_resume
 
         apply_local(json_flag, debug)
         extra = list(overrides or [])
         if seed is not None:
             extra.append(f"run.seed={seed}")
+        extra += time_limit_override(time_limit)
         cfg = load_config(recipe, extra)
         out_dir = out if out is not None else Path("runs") / f"prior-{Path(recipe).stem}"
 
         if dry_run:
-            plan = check_fit_prior(cfg, latents, out_dir, device=device, vqgan=vqgan, resume=resume, overwrite=overwrite)
+            plan = check_fit_prior(cfg, latents, out_dir, device=device, vqgan=vqgan,
+                                   resume=resolve_resume(resume, out_dir), overwrite=overwrite)
             lines = [to_yaml(cfg).rstrip(), "",
                      f"dry run: would train {plan['steps']} steps on {plan['device']} into {plan['out_dir']} "
                      f"({plan['prior_params'] / 1e6:.2f}M parameters) on {plan['num_samples']['train']} train / "
@@ -60,7 +67,7 @@ def register(app: typer.Typer) -> None:
         rep = reporter()
         try:
             summary = fit_prior(cfg, latents, out_dir, device=device, resume=resume, overwrite=overwrite,
-                                vqgan=vqgan, progress=rep, argv=STATE.argv)
+                                vqgan=vqgan, progress=rep, argv=STATE.argv, stop=STATE.stop)
         finally:
             rep.close()
             shutdown_distributed()

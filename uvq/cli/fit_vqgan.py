@@ -12,10 +12,13 @@ from uvq.cli.common import (
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
+    ResumeOpt,
     SeedOpt,
+    TimeLimitOpt,
     apply_local,
     emit,
     reporter,
+    time_limit_override,
 )
 
 
@@ -27,7 +30,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: runs/vqgan-<recipe name>)."),
         device: str = DeviceOpt,
         seed: int = SeedOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+        resume: str = ResumeOpt,
+        time_limit: str = TimeLimitOpt,
         overwrite: bool = OverwriteOpt,
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate everything, print the resolved config and exit."),
         strict: bool = typer.Option(False, "--strict", help="Fail on the first unreadable image instead of skipping it."),
@@ -36,19 +40,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train the VQGAN (stage one): L1 + LPIPS + codebook + adaptive-weight PatchGAN, with EMA."""
         from uvq.config import load_config, to_yaml
+        from uvq.training import resolve_resume
         from uvq.vqgan.train import check_fit_vqgan, fit_vqgan
 
         apply_local(json_flag, debug)
         extra = list(overrides or [])
         if seed is not None:
             extra.append(f"run.seed={seed}")
+        extra += time_limit_override(time_limit)
         if strict:
             extra.append("data.strict=true")
         cfg = load_config(recipe, extra)
         out_dir = out if out is not None else Path("runs") / f"vqgan-{Path(recipe).stem}"
 
         if dry_run:
-            plan = check_fit_vqgan(cfg, out_dir, device=device, resume=resume, overwrite=overwrite)
+            plan = check_fit_vqgan(cfg, out_dir, device=device, resume=resolve_resume(resume, out_dir),
+                                   overwrite=overwrite)
             lines = [to_yaml(cfg).rstrip(), "",
                      f"dry run: would train {plan['steps']} steps on {plan['device']} into {plan['out_dir']} "
                      f"({plan['vqgan_params'] / 1e6:.1f}M autoencoder + {plan['disc_params'] / 1e6:.2f}M discriminator "
@@ -59,7 +66,7 @@ def register(app: typer.Typer) -> None:
         rep = reporter()
         try:
             summary = fit_vqgan(cfg, out_dir, device=device, resume=resume, overwrite=overwrite,
-                                progress=rep, argv=STATE.argv)
+                                progress=rep, argv=STATE.argv, stop=STATE.stop)
         finally:
             rep.close()
         if summary.get("rank", 0) != 0:

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from uvq.cli.common import STATE, DebugOpt, DeviceOpt, JsonOpt, apply_local, emit, reporter
+from uvq.cli.common import (
+    STATE,
+    DebugOpt,
+    DeviceOpt,
+    JsonOpt,
+    TimeLimitOpt,
+    apply_local,
+    emit,
+    reporter,
+    time_limit_override,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +27,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe name>)."),
         until: str = typer.Option(None, "--until", help="Stop after this stage: fit-vqgan, encode, fit-prior, sample, eval."),
         device: str = DeviceOpt,
+        time_limit: str = TimeLimitOpt,
         json_flag: bool = JsonOpt,
         debug: bool = DebugOpt,
     ) -> None:
@@ -25,11 +36,12 @@ def register(app: typer.Typer) -> None:
         from uvq.pipeline import run_pipeline
 
         apply_local(json_flag, debug)
-        cfg = load_config(recipe, list(overrides or []))
+        cfg = load_config(recipe, list(overrides or []) + time_limit_override(time_limit))
         out_dir = out if out is not None else Path("runs") / Path(recipe).stem
         rep = reporter()
         try:
-            summary = run_pipeline(cfg, out_dir, device=device, until=until, progress=rep, argv=STATE.argv)
+            summary = run_pipeline(cfg, out_dir, device=device, until=until, progress=rep, argv=STATE.argv,
+                                   stop=STATE.stop)
         finally:
             rep.close()
         lines = [f"{stage}: {info['status']} ({info['seconds']:.0f} s)" for stage, info in summary["stages"].items()]

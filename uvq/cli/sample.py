@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from uvq.cli.common import (
+    STATE,
     DebugOpt,
     DeviceOpt,
     JsonOpt,
@@ -171,7 +172,7 @@ def register(app: typer.Typer) -> None:
             out = Path("samples") / run_name
         try:
             summary = write_samples(ckpt, out, vqgan=vq_path, seed=seed, codes=codes, weights=weights, device=device,
-                                    overwrite=overwrite, progress=rep, **dataclasses.asdict(cfg))
+                                    overwrite=overwrite, progress=rep, stop=STATE.stop, **dataclasses.asdict(cfg))
             barrier()  # every rank is done with its collectives before any leaves the group
         finally:
             rep.close()

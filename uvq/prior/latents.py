@@ -36,9 +36,11 @@ import torch
 
 from uvq import __version__
 from uvq.data.sources import unsafe_member
+from uvq.errors import Stopped
 from uvq.files import atomic_write_json, check_out_dir, claim_out_dir, disk_error, sha256_file
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError, barrier, dist_info
+from uvq.stopping import StopRequest
 
 FORMAT = "uvq-latents"
 FORMAT_VERSION = 1
@@ -393,7 +395,7 @@ def encode_out_check(out_dir: str | Path, *, vqgan: str | Path | None, data_sour
 def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg, out_dir: str | Path, *,
                    batch_size: int = 32, shard_size: int = 10_000, flip_copies: bool = False,
                    weights: str = "default", device: str | torch.device = "cpu", overwrite: bool = False,
-                   progress: ProgressFn | None = None) -> dict[str, Any]:
+                   progress: ProgressFn | None = None, stop: StopRequest | None = None) -> dict[str, Any]:
     """Encode every image of `data_cfg`'s source to code grids in webdataset shards; return the manifest.
 
     Args:
@@ -403,6 +405,11 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
         shard_size: source images per shard (a shard holds twice as many samples with flip copies).
         flip_copies: also store the codes of each horizontally flipped image, under "<key>.flip".
         weights: which weights of the checkpoint were loaded ("ema" / "model"), for the manifest.
+        stop: the request to stop early (uvq.stopping). On a signal or the time limit each rank
+            stops after its batch in progress and drops the shard it was writing (its `.tmp`): a
+            shard of 10,000 images can outlast the grace SLURM gives after SIGTERM (KillWait, 30 s
+            by default). The ranks then agree, no manifest is written, and uvq.errors.Stopped is
+            raised; a re-run encodes only the missing shards.
 
     Shard j of a split holds the images j*shard_size .. (j+1)*shard_size-1 of this rank's
     deterministic pass over that split. Under torchrun rank r writes the global shard numbers
@@ -413,6 +420,7 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     from uvq.data.streams import iterate_images
 
     progress = progress or null_progress
+    stop = stop if stop is not None else StopRequest()
     info = dist_info()
     root = Path(out_dir)
     device = torch.device(device)
@@ -446,6 +454,8 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     latent_shape = None
     totals = {"encoded": 0, "skipped": 0}
     t0 = time.time()
+    stopping: str | None = None  # why this rank stops early, once it was asked to
+    stop.watch()
     for split in SPLITS:
         task = f"encode {split}"
         images_pass = iterate_images(data_cfg, img_size, split=split, batch_size=batch_size,
@@ -487,13 +497,27 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
             if writer is not None and position % shard_size == 0:
                 writer.close()
                 writer = None
+            # Asked to stop: drop the unfinished shard and leave (each rank on its own).
+            stopping = stopping or stop.should_stop()
+            if stopping is not None:
+                if writer is not None:
+                    writer.abort()
+                    writer = None
+                break
         if writer is not None:
             writer.close()
         stats = getattr(images_pass, "stats", None)
         totals["bad_images"] = totals.get("bad_images", 0) + int(getattr(stats, "skipped", 0) or 0)
         progress({"event": "end", "task": task, "metrics": dict(totals)})
+        if stopping is not None:
+            break
 
-    barrier()
+    # Every rank meets here, finished or stopped; under torchrun one all-reduce says whether any stopped.
+    reason = stop.should_stop(info, device) if info.enabled else stopping
+    if reason is not None:
+        if claim is not None:
+            claim.release()
+        raise Stopped(reason, f"the finished shards are kept in {root} (a re-run encodes the rest)")
     manifest: dict[str, Any] = {}
     if info.is_main:
         found = list_shards(root)

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from uvq.checkpoint import mark_best, read_meta, weights_file
 from uvq.config import Config
 from uvq.ema import EMA
+from uvq.errors import Stopped
 from uvq.files import atomic_path, check_out_dir, sha256_file
 from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, load_codes, read_manifest
 from uvq.prior.likelihood import elbo_per_image
@@ -39,7 +40,8 @@ from uvq.runtime import (
     resolve_device,
     seed_everything,
 )
-from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
+from uvq.stopping import StopRequest, from_run_config
+from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite, resolve_resume
 from uvq.training import resume as resume_from
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +182,9 @@ def check_fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *
 
 
 def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
-              resume: bool = False, overwrite: bool = False, vqgan: str | Path | None = None,
+              resume: bool | str = False, overwrite: bool = False, vqgan: str | Path | None = None,
               progress: ProgressFn | None = None, argv: list[str] | None = None,
-              max_steps: int | None = None) -> dict[str, Any]:
+              max_steps: int | None = None, stop: StopRequest | None = None) -> dict[str, Any]:
     """Train the prior of `cfg.model.prior` on the shards in `latents_dir`; return a summary.
 
     Args:
@@ -190,13 +192,19 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
         latents_dir: the output of `uvq encode` (or any shards in the format of docs/latents.md).
         out_dir: the run directory (uvq.rundir): config, metrics.jsonl, images/, checkpoints/.
         resume: continue from `out_dir`'s last checkpoint exactly (weights, EMA, optimiser, RNG,
-            data position, importance-sampling state, best validation ELBO).
+            data position, importance-sampling state, best validation ELBO); "auto" continues
+            when `out_dir` holds a run and starts one otherwise (uvq.training.resolve_resume).
         vqgan: a VQGAN checkpoint the latents must come from (overrides prior_train.vqgan).
         max_steps: stop after this many steps in this call (the run's target stays
             prior_train.steps), e.g. to simulate an interruption.
+        stop: the request to stop early (uvq.stopping; the CLI's signal handlers set it). On a
+            signal or at run.time_limit the loop saves a checkpoint after the step in progress
+            and raises uvq.errors.Stopped.
     """
     progress = progress or null_progress
     tc, pc, rc = cfg.prior_train, cfg.model.prior, cfg.run
+    resume = resolve_resume(resume, out_dir)
+    stop = from_run_config(stop, rc)
 
     # Setup: device, process group, the latents and their consistency, the run directory.
     dev = resolve_device(device)
@@ -238,12 +246,17 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             process.load_state_dict(state.ranks[dist.rank].extra["process"])
 
     def save(step_now: int) -> Path | None:
+        nonlocal saved_step
+        t0 = time.monotonic()
         state = capture(step_now, dist, best=best, extra={"process": process.state_dict()}, **parts)  # a collective
         weights = {"model": model} | ({"ema": ema.model} if ema else {})
-        return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="prior", model_config=cfg.to_dict()["model"]["prior"],
+        saved_step = step_now
+        path = run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="prior", model_config=cfg.to_dict()["model"]["prior"],
                                    weights=weights, config=cfg.to_dict(), provenance=provenance,
                                    trainer_state=state.to_dict(),
                                    extra_meta={"best": dict(best)})  # best so far: repairs a stale `best` link
+        stop.note_write(time.monotonic() - t0)  # the time limit keeps room for the next write
+        return path
 
     def validate() -> dict[str, Any]:
         was_training = model.training
@@ -263,7 +276,9 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
     batches = iter(stream)
     last_val: dict[str, Any] = {}
     last_ckpt: Path | None = None
+    saved_step = step
     t_window, steps_window, pending = time.time(), 0, 0
+    stop.watch()  # from here a first signal asks the loop to stop after its step
     while step < target:
         x0 = next(batches).to(dev, non_blocking=True)  # [B, N]
         for group in optimizer.param_groups:
@@ -325,6 +340,17 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             last_ckpt = save(step) or last_ckpt
             if improved and run.writes:
                 mark_best(run.path, last_ckpt)
+
+        # Stop early on a signal or the time limit: the checkpoint of this step is the resume point.
+        reason = stop.should_stop(dist, dev, step=step, every=rc.stop_check_every) if step < target else None
+        if reason is not None:
+            if saved_step != step:
+                if not meter.finite(dist):
+                    refuse_nonfinite({"loss": math.nan}, step, last_ckpt)
+                last_ckpt = save(step) or last_ckpt
+            progress({"event": "advance", "task": "fit-prior", "n": pending})
+            run.close()
+            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step)
     if pending:
         progress({"event": "advance", "task": "fit-prior", "n": pending})
     progress({"event": "end", "task": "fit-prior", "metrics": {"step": step}})

@@ -14,9 +14,11 @@ import torch
 
 from uvq import __version__
 from uvq.checkpoint import load_pair, read_prior_meta, resolve_pair, verify_checkpoint
+from uvq.errors import Stopped
 from uvq.progress import ProgressFn, null_progress
 from uvq.runtime import UserError
 from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, bind_sampler, iter_samples
+from uvq.stopping import StopRequest
 
 SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
@@ -70,13 +72,16 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
                   sampler: str = DEFAULT_SAMPLER, options: dict[str, Any] | None = None, grid: bool = True,
                   codes: bool = False, images: bool = True, weights: str = "default", device: str = "auto",
                   precision: str = "bf16", compile: bool = False, cuda_graphs: bool = False,
-                  overwrite: bool = False, allow_other_vqgan: bool = False, progress: ProgressFn | None = None) -> dict[str, Any]:
+                  overwrite: bool = False, allow_other_vqgan: bool = False, progress: ProgressFn | None = None,
+                  stop: StopRequest | None = None) -> dict[str, Any]:
     """Sample n images from a prior checkpoint into `out_dir`; return the summary (samples.json).
 
     Writes sample-000000.png ... (stable names: sample i is the i-th of the seed), grid.png (the
     first 64, when `grid`), codes/ (the token grids as latent shards with a manifest naming the
     VQGAN, when `codes`) and samples.json (checkpoint hashes, settings, timing, network passes).
-    `images=False` writes codes only and needs no VQGAN.
+    `images=False` writes codes only and needs no VQGAN. On a signal (`stop`, uvq.stopping) the
+    batch in progress is written, then uvq.errors.Stopped is raised: the PNGs written are complete
+    (atomic), samples.json is not written, and a re-run with `overwrite` writes the same bytes.
     """
     from uvq.files import atomic_write_json
     from uvq.images import save_grid, save_png
@@ -126,7 +131,9 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
     # This rank's share: whole batches of the one-process run (uvq.runtime.batch_share). Each rank
     # writes its own sample files; the grid's images and the codes go to rank 0, which writes them.
     first, count = batch_share(n, batch_size, info)
-    job = JobProgress(progress, "sample", n, share_rounds(n, batch_size, info.world_size))
+    stop = stop if stop is not None else StopRequest()
+    stop.watch()
+    job = JobProgress(progress, "sample", n, share_rounds(n, batch_size, info.world_size), stop=stop)
     stats: dict[str, Any] = {"network_passes": 0, "tokens_s": 0.0, "decode_s": 0.0}
     grid_images: list[torch.Tensor] = []
     all_codes: list[tuple[str, Any]] = []
@@ -149,8 +156,16 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
             grid_images.extend(batch.images[: 64 - batch.start])
         write_s += time.perf_counter() - t0
         done, passes_here = done + grids.shape[0], passes_here + batch.network_passes
-        job.advance(grids.shape[0], {"passes/img": round(passes_here / done, 1)})
-    job.finish()
+        reason = job.advance(grids.shape[0], {"passes/img": round(passes_here / done, 1)})
+        if reason is not None:
+            break
+    else:
+        reason = job.finish()
+    if reason is not None:  # every rank agreed on this round (JobProgress): the written PNGs are complete
+        if claim is not None:
+            claim.release()
+        raise Stopped(reason, f"the samples of the finished batches are written in {out}; "
+                              "--overwrite writes the same bytes again")
     passes, = reduce_numbers([stats["network_passes"]], "sum")
     tokens_s, decode_s, write_s = reduce_numbers([stats["tokens_s"], stats["decode_s"], write_s], "max")
     gathered = gather_to_main((grid_images, all_codes))

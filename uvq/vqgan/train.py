@@ -38,6 +38,7 @@ from torch import nn
 from uvq.config import Config
 from uvq.data.streams import train_batches
 from uvq.ema import EMA
+from uvq.errors import Stopped
 from uvq.files import check_out_dir
 from uvq.images import save_grid
 from uvq.progress import ProgressFn, null_progress
@@ -50,7 +51,8 @@ from uvq.runtime import (
     resolve_device,
     seed_everything,
 )
-from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite
+from uvq.stopping import StopRequest, from_run_config
+from uvq.training import Meter, capture, derive_seeds, refuse_nonfinite, resolve_resume
 from uvq.training import resume as resume_from
 from uvq.vqgan.augment import diff_augment, parse_policy
 from uvq.vqgan.losses import (
@@ -112,9 +114,9 @@ def check_fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", r
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
+def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume: bool | str = False,
               overwrite: bool = False, progress: ProgressFn | None = None, argv: list[str] | None = None,
-              max_steps: int | None = None) -> dict[str, Any]:
+              max_steps: int | None = None, stop: StopRequest | None = None) -> dict[str, Any]:
     """Train the VQGAN of `cfg` into the run directory `out_dir` and return a summary.
 
     Args:
@@ -122,17 +124,23 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         out_dir: the run directory (uvq.rundir): config, command, env, metrics, images/, checkpoints/.
         device: "auto", "cpu", "cuda" or "cuda:N" (LOCAL_RANK under torchrun).
         resume: continue `out_dir` from its last checkpoint exactly (weights, both optimisers,
-            discriminator, EMA, GradScalers, RNG states and data position of every rank).
+            discriminator, EMA, GradScalers, RNG states and data position of every rank); "auto"
+            continues when `out_dir` holds a run and starts one otherwise.
         overwrite: replace the contents of a non-empty `out_dir`.
         progress: callback for progress events (uvq.progress); only rank 0 sends any.
         argv: the command line, recorded in command.txt.
         max_steps: stop after this many steps of this call (a checkpoint is written), e.g. to
             fit a time limit; None trains to `train.steps`.
+        stop: the request to stop early (uvq.stopping; the CLI's signal handlers set it). On a
+            signal or at run.time_limit the loop saves a checkpoint after the step in progress
+            and raises uvq.errors.Stopped.
 
     Returns: steps, images/s, final losses, code usage and perplexity, bad images skipped, the
     last checkpoint and the last reconstruction grid.
     """
     tc, rc, vc = cfg.train, cfg.run, cfg.model.vqgan
+    resume = resolve_resume(resume, out_dir)
+    stop = from_run_config(stop, rc)
 
     # Setup: device, process group, seeds.
     dev = resolve_device(device)
@@ -213,12 +221,17 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
                   "trained_by": f"uvq {TASK}"}
 
     def save(step_now: int) -> Path | None:
+        nonlocal saved_step
+        t0 = time.monotonic()
         state = trainer_state()  # every rank takes part
         weights: dict[str, Any] = {"model": vqgan} | ({"ema": ema.model} if ema is not None else {})
-        return run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="vqgan",
+        saved_step = step_now
+        path = run.save_checkpoint(step_now, keep_last=rc.keep_last, kind="vqgan",
                                    model_config=dataclasses.asdict(vc), weights=weights, config=cfg.to_dict(),
                                    provenance={**provenance, "images_seen": step_now * tc.batch_size * dist.world_size},
                                    trainer_state=state)
+        stop.note_write(time.monotonic() - t0)  # the time limit keeps room for the next write
+        return path
 
     def grid(x: torch.Tensor, xrec: torch.Tensor, step_now: int) -> Path | None:
         """Inputs, reconstructions (and EMA reconstructions) in rows; rank 0 only."""
@@ -243,6 +256,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
     last_grid: Path | None = None
     t_start = t_window = t_event = time.time()
     steps_run = steps_window = pending = 0
+    saved_step = step
+    stop.watch()  # from here a first signal asks the loop to stop after its step
     while step < target:
         x = next(batches)["image"].to(dev, non_blocking=True).contiguous(memory_format=memory_format)  # [B,3,H,W]
         # `step` counts the steps done, i.e. the authors' 0-based step index: lambda is on from
@@ -337,6 +352,17 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
             shown = {k: logged[k] for k in ("l1", "lpips", "d_loss", "usage", "images_per_s") if k in logged}
             progress({"event": "advance", "task": TASK, "n": pending, "metrics": shown})
             pending, t_event = 0, now
+
+        # Stop early on a signal or the time limit: the checkpoint of this step is the resume point.
+        reason = stop.should_stop(dist, dev, step=step, every=rc.stop_check_every) if not final else None
+        if reason is not None:
+            if saved_step != step:
+                if not meter.finite(dist):
+                    refuse_nonfinite({"loss": math.nan}, step, last_ckpt)
+                last_ckpt = save(step) or last_ckpt
+            progress({"event": "advance", "task": TASK, "n": pending})
+            run.close()
+            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step)
 
     elapsed = max(time.time() - t_start, 1e-9)
     summary = {
