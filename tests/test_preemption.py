@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from faults.harness import (
@@ -304,3 +305,49 @@ def test_bare_resume_keeps_its_meaning(chain, tmp_path):
     assert code == 0, err
     assert _step_of(out) == 6
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The SLURM job file as written (examples/slurm/, docs/cluster.md): stop, requeue, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_slurm_job_file_requeues_until_the_run_is_done(chain, tmp_path):
+    """examples/slurm/fit-prior-1node.sbatch run by bash with the real torchrun on the CPU.
+
+    SLURM itself is not here: `srun` runs its command and `scontrol` records its arguments (the
+    two SLURM programs the file calls). Each attempt stops at the time limit with a checkpoint;
+    the file must requeue while the run is unfinished (torchrun's exit 1 hides uvq's 75, so the
+    `.uvq.requeue` marker decides) and stop requeueing once it is done.
+    """
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    torchrun = Path(sys.executable).parent / "torchrun"  # the one installed with torch beside this python
+    log, run = tmp_path / "scontrol.log", tmp_path / "prior"
+    job_env = {**env(), "PATH": f"{bin_dir}:{torchrun.parent}:{os.environ['PATH']}",
+               "SCONTROL_LOG": str(log), "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "1", "TMPDIR": str(tmp_path),
+               "RECIPE": "demo", "LATENTS": str(chain["latents"]), "RUN": str(run),
+               "UVQ_ARGS": " ".join([*TINY, "prior_train.steps=3", "run.ckpt_every=1", "run.time_limit=1",
+                                     "run.stop_margin_s=0", "run.stop_check_every=1", "--device", "cpu"])}
+    job = REPO / "examples" / "slurm" / "fit-prior-1node.sbatch"
+    requeues = 0
+    for _attempt in range(6):
+        done = subprocess.run(["bash", str(job)], env=job_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        calls = log.read_text().splitlines() if log.exists() else []
+        if len(calls) == requeues:  # not requeued: the run must be finished
+            break
+        requeues = len(calls)
+        assert calls[-1] == "requeue 4242"
+        assert (run / ".uvq.requeue").is_file()
+    else:
+        pytest.fail("the job file kept requeueing")
+    assert requeues >= 1, "the time limit never stopped the run"
+    assert not (run / ".uvq.requeue").exists()
+    assert _step_of(run) == 3

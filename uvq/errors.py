@@ -21,10 +21,14 @@ class Stopped(Exception):
     """A long command stopped early on request with its state saved; the CLI exits EXIT_REQUEUE.
 
     `reason` is the signal's name (`SIGTERM`) or `time limit`; `saved` says what was kept (a
-    checkpoint's path, "the finished shards", ...), for the one line the CLI prints.
+    checkpoint's path, "the finished shards", ...), for the one line the CLI prints; `out` the
+    output directory, where the CLI leaves the requeue marker (docs/cluster.md).
     """
 
-    def __init__(self, reason: str, saved: str, *, step: int | None = None) -> None:
+    def __init__(self, reason: str, saved: str, *, step: int | None = None, out: str | None = None) -> None:
         where = f" at step {step}" if step is not None else ""
         super().__init__(f"stopped{where} on {reason}; {saved}")
         self.reason, self.saved, self.step = reason, saved, step
+        # The output directories to mark for a requeue (uvq.files.mark_requeue): the command's own,
+        # and the pipeline's around a stage.
+        self.out_dirs: list[str] = [str(out)] if out is not None else []

@@ -40,6 +40,7 @@ from uvq.runtime import UserError
 
 MARKER = ".uvq"  # the ownership record of every directory uvq made; directories without one are not ours
 LOCK = ".uvq.lock"  # held while a command writes into the directory (one writer per directory)
+REQUEUE = ".uvq.requeue"  # left by a command that stopped early with its state saved (docs/cluster.md)
 RECORD_FORMAT = "uvq-output-dir"
 _RESUMABLE = ("fit-vqgan", "fit-prior")  # the commands with a --resume flag (encode and pipeline always continue)
 # Temporary names of uvq's atomic writes: `.<name>.<random>.tmp` (atomic_path, atomic_dir, the
@@ -400,6 +401,21 @@ def record_written_dir(path: str | Path, *, command: str) -> None:
     _write_record(path, record)
 
 
+def mark_requeue(path: str | Path, reason: str, saved: str) -> Path | None:
+    """Leave `<path>/.uvq.requeue` (JSON: reason, what was saved, time) in a directory uvq owns.
+
+    The mark a job script reads to requeue itself, since torchrun reports a worker's exit 75 as 1
+    (docs/cluster.md); the next claim of the directory removes it. None where `path` is not a
+    uvq directory (nothing is written into a directory uvq does not own).
+    """
+    path = Path(path)
+    if read_record(path) is None:
+        return None
+    mark = path / REQUEUE
+    atomic_write_json(mark, {"reason": reason, "saved": saved, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return mark
+
+
 def claim_out_dir(path: str | Path, *, command: str, overwrite: bool = False, resume: bool = False,
                   inputs: Iterable[str | Path | None] = (), entries: Iterable[str] = (),
                   patterns: Iterable[str] = (), lock: bool = True) -> OutDir:
@@ -430,6 +446,7 @@ def claim_out_dir(path: str | Path, *, command: str, overwrite: bool = False, re
         record["patterns"] = sorted(set(record.get("patterns") or []) | set(patterns))
         _write_record(path, record)
         remove_leftover_temps(path)
+        (path / REQUEUE).unlink(missing_ok=True)  # a command continues here: no longer waiting for a requeue
     except OSError as exc:
         if held is not None:
             held.release()

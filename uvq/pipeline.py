@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from uvq.config import Config, to_yaml
+from uvq.errors import Stopped
 from uvq.files import (
     OutDir,
     atomic_write_json,
@@ -260,7 +261,11 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", unti
             state["stages"].pop(later, None)  # their inputs are about to change
         atomic_write_json(run / STATE_FILE, state)
         t0 = time.time()
-        result = RUNNERS[stage](StageContext(cfg, run, device, progress, argv, resume, stop))
+        try:
+            result = RUNNERS[stage](StageContext(cfg, run, device, progress, argv, resume, stop))
+        except Stopped as exc:  # the stage saved its state; the pipeline's directory is marked too
+            exc.out_dirs.append(str(run))
+            raise
         seconds = time.time() - t0
         current = output_hash(run, stage)
         if current is None:

@@ -17,9 +17,11 @@ command answer at once (benchmarks/bench_cli_start.py measures it).
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
+import time
 
 import typer
 
@@ -154,20 +156,29 @@ class Interrupted(KeyboardInterrupt):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# The same signal again within this many seconds of the one that asked the loop to stop is the
+# same request delivered twice (docs/cluster.md), not the "second signal" that stops at once.
+REPEAT_WINDOW_S = 1.0
 
 
 def _install_signal_handlers(received: list[int], stop: StopRequest) -> dict[int, object]:
     """SIGTERM, SIGUSR1 (and SIGINT, where Python's own Ctrl-C handler is in place) append the
     signal's number to `received`; the first one while a loop watches `stop` asks it to stop
-    after its step, any other raises `Interrupted` (a second signal stops at once).
+    after its step, any other raises `Interrupted` (a second signal stops at once; the same
+    signal repeated within REPEAT_WINDOW_S is one delivery, not a second signal).
 
     A SIGINT that the parent ignores (a background job of a shell script) stays ignored. Returns
     the previous handlers; handlers can only be set from the main thread, elsewhere none are.
     """
+    first_at: list[float] = []
+
     def interrupt(signum: int, frame) -> None:
+        if stop.signum == signum and first_at and time.monotonic() - first_at[0] < REPEAT_WINDOW_S:
+            return  # one signal delivered twice: SLURM signals torchrun and its workers, torchrun passes it on
         received.append(signum)
         if stop.watched and stop.signum is None:
             stop.request(signum)
+            first_at.append(time.monotonic())
             return
         raise Interrupted(signal.Signals(signum).name)
 
@@ -189,7 +200,19 @@ def _interrupted(signum: int, path: list[str]) -> int:
 
 
 def _stopped(exc: Stopped, path: list[str]) -> int:
-    """Print the one line of a command that stopped early with its state saved; return 75."""
+    """Print the one line of a command that stopped early with its state saved; return 75.
+
+    Rank 0 also leaves the requeue marker in the command's output directories
+    (uvq.files.mark_requeue): under torchrun the job script sees torchrun's 1, not this 75.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        from uvq.files import mark_requeue
+
+        for out in exc.out_dirs:
+            try:
+                mark_requeue(out, exc.reason, exc.saved)
+            except (OSError, UserError) as err:  # the state is saved; a missing marker only costs the requeue
+                print(f"warning: could not leave the requeue marker in {out}: {err}", file=sys.stderr)
     again = " with --resume auto" if path and path[0] in ("fit-vqgan", "fit-prior") else ""
     print(f"error: {exc}; rerun the same command{again} to continue (exit {EXIT_REQUEUE}: requeue)", file=sys.stderr)
     return EXIT_REQUEUE

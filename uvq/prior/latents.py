@@ -517,7 +517,7 @@ def encode_dataset(vqgan: torch.nn.Module, vqgan_meta: dict[str, Any], data_cfg,
     if reason is not None:
         if claim is not None:
             claim.release()
-        raise Stopped(reason, f"the finished shards are kept in {root} (a re-run encodes the rest)")
+        raise Stopped(reason, f"the finished shards are kept in {root} (a re-run encodes the rest)", out=root)
     manifest: dict[str, Any] = {}
     if info.is_main:
         found = list_shards(root)

@@ -350,7 +350,7 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
                 last_ckpt = save(step) or last_ckpt
             progress({"event": "advance", "task": "fit-prior", "n": pending})
             run.close()
-            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step)
+            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step, out=out_dir)
     if pending:
         progress({"event": "advance", "task": "fit-prior", "n": pending})
     progress({"event": "end", "task": "fit-prior", "metrics": {"step": step}})

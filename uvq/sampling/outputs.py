@@ -165,7 +165,7 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         if claim is not None:
             claim.release()
         raise Stopped(reason, f"the samples of the finished batches are written in {out}; "
-                              "--overwrite writes the same bytes again")
+                              "--overwrite writes the same bytes again", out=out)
     passes, = reduce_numbers([stats["network_passes"]], "sum")
     tokens_s, decode_s, write_s = reduce_numbers([stats["tokens_s"], stats["decode_s"], write_s], "max")
     gathered = gather_to_main((grid_images, all_codes))

@@ -362,7 +362,7 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
                 last_ckpt = save(step) or last_ckpt
             progress({"event": "advance", "task": TASK, "n": pending})
             run.close()
-            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step)
+            raise Stopped(reason, f"checkpoint {last_ckpt or run.last_checkpoint()} holds it", step=step, out=out_dir)
 
     elapsed = max(time.time() - t_start, 1e-9)
     summary = {
