@@ -526,7 +526,9 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
         decode_s += t1 - t0
         write_s += time.perf_counter() - t1
     progress({"event": "end", "task": "canvas"})
-    grid_path = save_grid(torch.stack(grid_images), out / "grid.png", nrow=min(4, len(grid_images)))
+    cols = min(4, len(grid_images))
+    grid_path = save_grid(torch.stack(grid_images), out / "grid.png", nrow=cols,
+                          row_labels=[f"#{i}" for i in range(0, len(grid_images), cols)])
     total_s = time.perf_counter() - t_begin
     summary = {
         **provenance_header("upscale-canvas", out, n, prior_meta, weights, vq_meta, vq_weights),

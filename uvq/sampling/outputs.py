@@ -20,6 +20,7 @@ from uvq.sampling.chain import DEFAULT_SAMPLER, _validate_sampling, bind_sampler
 
 SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
+GRID_COLUMNS = 8  # the sample grid: up to 64 samples, 8 per row, each row labelled with its first sample index
 
 
 
@@ -102,8 +103,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
 
     grid_path = codes_dir = None
     if grid_images:
-        side = grid_images[0].shape[-1]
-        grid_path = save_grid(torch.stack(grid_images).clamp(0, 1), out / "grid.png", upscale=max(1, 64 // side))
+        grid_path = save_grid(torch.stack(grid_images).clamp(0, 1), out / "grid.png", nrow=GRID_COLUMNS,
+                              row_labels=[f"#{i}" for i in range(0, len(grid_images), GRID_COLUMNS)])
     if codes:
         from uvq.prior.latents import tokenizer_record, write_latents
 

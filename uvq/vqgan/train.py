@@ -229,8 +229,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         if ema is not None:
             with torch.no_grad(), amp_context(dev, precision):
                 rows.append(ema.model(x[:n])[0].float().clamp(0, 1))
-        upscale = max(1, 128 // vc.img_size)
-        return save_grid(torch.cat(rows), run.image_path("recon", step_now), nrow=n, upscale=upscale)
+        labels = ["input", "reconstruction", "EMA reconstruction"][: len(rows)]
+        return save_grid(torch.cat(rows), run.image_path("recon", step_now), nrow=n, row_labels=labels)
 
     # ------------------------------------------------------------------------------------------
     # The loop
