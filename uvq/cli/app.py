@@ -52,6 +52,7 @@ COMMAND_MODULES = (
     "uvq.cli.convert",
     "uvq.cli.pipeline",
     "uvq.cli.bench",
+    "uvq.cli.report",
 )
 
 # The top-level help's panels, in one place: every command and group has exactly one.
@@ -60,7 +61,7 @@ PANELS = {
     "generate": ("sample", "upscale-canvas", "inpaint"),
     "evaluate": ("eval", "neighbours"),
     "models": ("import",),
-    "tools": ("config", "ls", "bench"),
+    "tools": ("config", "ls", "bench", "report"),
 }
 
 # What an interrupted command leaves behind and how to go on, for the line it prints. Every
@@ -75,6 +76,7 @@ INTERRUPT_HINTS = {
     "config": "nothing was written",
     "ls": "nothing was written",
     "bench": "nothing was written",
+    "report": "nothing was written (the page is written whole or not at all)",
 }
 _DEFAULT_HINT = "its output directory may be incomplete; rerun the command with --overwrite"
 
