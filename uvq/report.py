@@ -459,7 +459,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, raw: bool = 
 
 
 def _kv_table(rows: dict[str, Any]) -> str:
-    return _table(["", ""], [[k, _yaml(v)] for k, v in rows.items() if v is not None]) if rows else ""
+    return _table(["key", "value"], [[k, _yaml(v)] for k, v in rows.items() if v is not None]) if rows else ""
 
 
 def _figure(b64_png: str | None, caption: str) -> str:

@@ -30,6 +30,7 @@ from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, load_c
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
+from uvq.report import write_report
 from uvq.rundir import RunDir
 from uvq.runtime import (
     UserError,
@@ -315,6 +316,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             last_ckpt = save(step) or last_ckpt
             if improved and run.writes:
                 mark_best(run.path, last_ckpt)
+            if rc.report and run.writes:
+                write_report(run.path, lock=False)  # run.report: the page follows the checkpoints (we hold the lock)
     if pending:
         progress({"event": "advance", "task": "fit-prior", "n": pending})
     progress({"event": "end", "task": "fit-prior", "metrics": {"step": step}})
