@@ -104,11 +104,11 @@ def write_report(run: str | Path, *, lock: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _section(run: Path, kind: str, *, show_config: bool, anchor: str = "") -> list[str]:
+def _section(run: Path, kind: str, *, show_config: bool) -> list[str]:
     if kind in TRAINING:
-        return _training(run, kind, show_config=show_config, anchor=anchor)
+        return _training(run, kind, show_config=show_config)
     if kind in GENERATION:
-        return _generation(run, kind, anchor=anchor)
+        return _generation(run, kind)
     if kind == "encode":
         return _latents(run)
     return _evaluation(run)
@@ -131,12 +131,12 @@ def _pipeline(run: Path) -> list[str]:
     for name, cmd in present:
         kind = report_kind(run / name) if read_record(run / name) is not None else cmd
         out.append(f'<section id="stage-{name}"><h2>{_h(name)} <small>({_h(cmd)})</small></h2>')
-        out += _section(run / name, kind, show_config=False, anchor=f"stage-{name}-")
+        out += _section(run / name, kind, show_config=False)
         out.append("</section>")
     return out
 
 
-def _training(run: Path, kind: str, *, show_config: bool, anchor: str) -> list[str]:
+def _training(run: Path, kind: str, *, show_config: bool) -> list[str]:
     """Provenance, config, curves of every metric, the image strips, checkpoints and evaluations."""
     from uvq.rundir import RunDir
 
@@ -164,7 +164,7 @@ def _training(run: Path, kind: str, *, show_config: bool, anchor: str) -> list[s
     return out
 
 
-def _generation(run: Path, kind: str, anchor: str) -> list[str]:
+def _generation(run: Path, kind: str) -> list[str]:
     """Settings, provenance and timing of sample / upscale-canvas / inpaint, and their grids."""
     meta = _read_json(run / GENERATION[kind], None)
     if not isinstance(meta, dict):
