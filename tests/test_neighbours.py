@@ -148,7 +148,8 @@ def test_cli_neighbours(tmp_path, capsys, monkeypatch):
     assert [r["reference"] for r in rows[:2]] == report["neighbours"][0]["reference"]
     d = [float(r["distance"]) for r in rows[:2]]
     assert d == sorted(d)
-    assert Image.open(out / "neighbours.png").size == (3 * (size + 2) + 2, 3 * (size + 2) + 2)
+    # the one grid function (uvq.images.save_grid) enlarges 32 px cells 2x to reach 64 px
+    assert Image.open(out / "neighbours.png").size == (3 * (2 * size + 2) + 2, 3 * (2 * size + 2) + 2)
     assert json.loads((out / "neighbours.json").read_text())["k"] == 2
 
     # the output directory is now ours and not empty: another run needs --overwrite

@@ -79,8 +79,10 @@ def test_fit_vqgan_writes_a_complete_run_directory(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == ["recon-00000003.png", "recon-00000006.png",
                                                                    "recon-00000007.png"]
     with Image.open(out / "images" / "recon-00000007.png") as im:
-        # rows: inputs, reconstructions, EMA reconstructions; 16px images upscaled 8x, 2px padding
-        assert im.size == (2 * 130 + 2, 3 * 130 + 2)
+        # rows: inputs, reconstructions, EMA reconstructions; 16px images enlarged 4x to 64px cells,
+        # 2px padding, and a left margin for the row labels (uvq.images.save_grid)
+        w, h = im.size
+        assert h == 3 * (4 * 16 + 2) + 2 and w > 2 * (4 * 16 + 2) + 2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["last", "step-00000006", "step-00000007"]
     last = out / "checkpoints" / "step-00000007"

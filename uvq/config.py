@@ -495,6 +495,7 @@ class RunConfig:
     image_every: int = 1000  # reconstruction / sample grids
     ckpt_every: int = 5000
     keep_last: int = 3
+    report: bool = False  # refresh RUN/report.html (uvq report) at each checkpoint; docs/reports.md
     # Under torchrun: how long a collective may wait for the other ranks before the job stops
     # with one line (torch.distributed's own default is 30 minutes for gloo, 10 for nccl).
     dist_timeout_s: float = 300.0

@@ -10,6 +10,7 @@
       prior/            fit-prior's run directory        (method section 2)
       samples/          uvq sample's output              (method section 3)
       eval/             metrics report, when the recipe's eval.metrics is non-empty (method section 6)
+      report.html       one self-contained page of every stage, written at the end (uvq.report)
 
 A stage's fingerprint is the hash of the config sections it reads plus the output hash of the
 stage before it. A stage whose record is "done" with the same fingerprint, and whose output is
@@ -40,6 +41,7 @@ from uvq.files import (
     sha256_file,
 )
 from uvq.progress import ProgressFn, null_progress
+from uvq.report import write_report
 from uvq.runtime import UserError
 from uvq.stopping import StopRequest, from_run_config
 
@@ -279,6 +281,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, *, device: str = "auto", unti
     summary["seconds"] = round(time.time() - t_all, 2)
     grid = run / "samples" / "grid.png"
     summary["grid"] = str(grid) if "samples" in stages and grid.is_file() else None
+    summary["report"] = str(write_report(run, lock=False))  # the page of every stage (uvq.report), under our lock
     claim.release()
     return summary
 

@@ -62,6 +62,7 @@ COMMAND_MODULES = (
     "uvq.cli.pipeline",
     "uvq.cli.bench",
     "uvq.cli.webapp",
+    "uvq.cli.report",
 )
 
 # The top-level help's panels, in one place: every command and group has exactly one.
@@ -70,7 +71,7 @@ PANELS = {
     "generate": ("sample", "upscale-canvas", "inpaint", "app"),
     "evaluate": ("eval", "neighbours"),
     "models": ("import",),
-    "tools": ("config", "ls", "bench"),
+    "tools": ("config", "ls", "bench", "report"),
 }
 
 # What an interrupted command leaves behind and how to go on, for the line it prints. Every
@@ -86,6 +87,7 @@ INTERRUPT_HINTS = {
     "ls": "nothing was written",
     "bench": "nothing was written",
     "app": "the app stopped; with --out, the files of finished requests are kept there",
+    "report": "nothing was written (the page is written whole or not at all)",
 }
 _DEFAULT_HINT = "its output directory may be incomplete; rerun the command with --overwrite"
 

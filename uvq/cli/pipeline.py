@@ -48,4 +48,5 @@ def register(app: typer.Typer) -> None:
         lines.append(f"pipeline finished in {summary['seconds']:.0f} s: {summary['out_dir']}")
         if summary["grid"]:
             lines.append(f"sample grid: {summary['grid']}")
+        lines.append(f"report: {summary['report']}")
         emit(summary, human="\n".join(lines))

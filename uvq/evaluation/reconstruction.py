@@ -93,7 +93,7 @@ def evaluate_reconstruction(vqgan: torch.nn.Module, batches, *, device: torch.de
         pairs = torch.cat(shown, dim=1)  # [2, G, 3, H, W]
         from uvq.images import save_grid
 
-        save_grid(pairs.flatten(0, 1), grid_path, nrow=pairs.shape[1])
+        save_grid(pairs.flatten(0, 1), grid_path, nrow=pairs.shape[1], row_labels=["original", "reconstruction"])
         results["grid"] = str(grid_path)
     return results
 

@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 
 from uvq.checkpoint import mark_best, read_meta, weights_file
 from uvq.config import Config
 from uvq.ema import EMA
 from uvq.errors import Stopped
-from uvq.files import atomic_path, check_out_dir, sha256_file
+from uvq.files import check_out_dir, sha256_file
 from uvq.prior.latents import LatentStream, check_tokenizer, count_shard, load_codes, read_manifest
 from uvq.prior.likelihood import elbo_per_image
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
+from uvq.report import write_report
 from uvq.rundir import RunDir
 from uvq.runtime import (
     UserError,
@@ -87,35 +87,25 @@ def check_latents(manifest: dict[str, Any], cfg: Config, vqgan: str | Path | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss by time step (the authors' bar plot of L_t), drawn with PIL
+# The loss by time step (the authors' bar plot of L_t), drawn with matplotlib
 # ---------------------------------------------------------------------------------------------
 
 
 def loss_by_t_plot(buckets: list[dict[str, float]], path: str | Path, *, title: str = "") -> Path:
     """Bars of the tracked training loss per time-step bucket (`AbsorbingDiffusion.loss_by_time`)."""
-    means = [b["loss"] for b in buckets]
-    W, H, left, bottom, top = 640, 360, 56, 36, 28
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    finite = [m for m in means if math.isfinite(m)]
-    ymax = max(finite) * 1.1 if finite and max(finite) > 0 else 1.0
-    plot_w, plot_h = W - left - 12, H - bottom - top
-    draw.line([(left, top), (left, H - bottom), (W - 12, H - bottom)], fill="black")
-    bw = plot_w / max(1, len(buckets))
-    for i, b in enumerate(buckets):
-        if math.isfinite(b["loss"]):
-            h = plot_h * b["loss"] / ymax
-            draw.rectangle([left + i * bw + 1, H - bottom - h, left + (i + 1) * bw - 1, H - bottom], fill=(70, 110, 180))
-        if i % max(1, len(buckets) // 8) == 0:
-            draw.text((left + i * bw + 1, H - bottom + 6), str(int(b["t_lo"])), fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        draw.text((4, H - bottom - plot_h * frac - 6), f"{ymax * frac:.3g}", fill="black")
-    draw.text((left, 6), title or "training loss by time step t", fill="black")
-    draw.text((W // 2 - 10, H - 16), "t", fill="black")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    from uvq.images import figure, save_figure
+
+    fig = figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    lo = [b["t_lo"] for b in buckets]
+    widths = [b["t_hi"] - b["t_lo"] + 1 for b in buckets]  # t_hi is inclusive
+    loss = [b["loss"] if math.isfinite(b["loss"]) else 0.0 for b in buckets]  # an untracked bucket: no bar
+    ax.bar(lo, loss, width=widths, align="edge", color="#4a6fb4", edgecolor="white", linewidth=0.5)
+    ax.set_xlabel("time step t (a larger t masks more tokens)")
+    ax.set_ylabel("tracked training loss (bits)")
+    ax.set_title(title or "training loss by time step t", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +330,8 @@ def fit_prior(cfg: Config, latents_dir: str | Path, out_dir: str | Path, *, devi
             last_ckpt = save(step) or last_ckpt
             if improved and run.writes:
                 mark_best(run.path, last_ckpt)
+            if rc.report and run.writes:
+                write_report(run.path, lock=False)  # run.report: the page follows the checkpoints (we hold the lock)
 
         # Stop early on a signal or the time limit: the checkpoint of this step is the resume point.
         reason = stop.should_stop(dist, dev, step=step, every=rc.stop_check_every) if step < target else None

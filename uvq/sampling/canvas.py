@@ -557,7 +557,9 @@ def upscale_canvas(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path 
     def write_shared() -> dict[str, Any]:
         """Rank 0, after every rank's canvases: the grid and samples.json."""
         grid_all = [im for part in gathered for im in part]
-        grid_path = save_grid(torch.stack(grid_all), out / "grid.png", nrow=min(4, len(grid_all)))
+        cols = min(4, len(grid_all))
+        grid_path = save_grid(torch.stack(grid_all), out / "grid.png", nrow=cols,
+                              row_labels=[f"#{i}" for i in range(0, len(grid_all), cols)])
         total_s = time.perf_counter() - t_begin
         summary = {
             **provenance_header("upscale-canvas", out, n, prior_meta, weights, vq_meta, vq_weights),

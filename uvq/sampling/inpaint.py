@@ -457,7 +457,7 @@ def inpaint_images(prior: str | Path, inputs: str | Path, out_dir: str | Path, *
         patch = F.interpolate(lmask.float()[None, None].cpu(), scale_factor=f, mode="nearest")[0]  # [1, H', W']
         mask_panel = original * (1 - patch) + 0.5 * patch
         grid = save_grid(torch.cat([original[None], mask_panel[None], images]), out / f"{job.name}-grid.png",
-                         nrow=n + 2, upscale=max(1, 128 // max(job.frame)))
+                         nrow=n + 2, col_labels=["original", "mask", *(f"#{j}" for j in range(n))])
         records.append({"input": job.source, "name": job.name, "fit": job.note, "frame": list(job.frame),
                         "extend": job.extend, "masked_latents": int(lmask.sum()), "latents": int(lmask.numel()),
                         "t_start": result.t_start, "steps": result.steps, "files": files, "grid": grid.name,

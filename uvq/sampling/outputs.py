@@ -22,6 +22,7 @@ from uvq.stopping import StopRequest
 
 SAMPLE_NAME = "sample-{:06d}.png"
 SAMPLES_JSON = "samples.json"
+GRID_COLUMNS = 8  # the sample grid: up to 64 samples, 8 per row, each row labelled with its first sample index
 
 
 
@@ -176,8 +177,8 @@ def write_samples(prior: str | Path, out_dir: str | Path, *, vqgan: str | Path |
         codes_all = [item for _, part in gathered for item in part]
         grid_path = codes_dir = None
         if grid_all:
-            side = grid_all[0].shape[-1]
-            grid_path = save_grid(torch.stack(grid_all).clamp(0, 1), out / "grid.png", upscale=max(1, 64 // side))
+            grid_path = save_grid(torch.stack(grid_all).clamp(0, 1), out / "grid.png", nrow=GRID_COLUMNS,
+                                  row_labels=[f"#{i}" for i in range(0, len(grid_all), GRID_COLUMNS)])
         if codes:
             from uvq.prior.latents import tokenizer_record, write_latents
 

@@ -43,6 +43,7 @@ from uvq.files import check_out_dir
 from uvq.images import save_grid
 from uvq.progress import ProgressFn, null_progress
 from uvq.registry import registry
+from uvq.report import write_report
 from uvq.rundir import RunDir
 from uvq.runtime import (
     DistInfo,
@@ -242,8 +243,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
         if ema is not None:
             with torch.no_grad(), amp_context(dev, precision):
                 rows.append(ema.model(x[:n])[0].float().clamp(0, 1))
-        upscale = max(1, 128 // vc.img_size)
-        return save_grid(torch.cat(rows), run.image_path("recon", step_now), nrow=n, upscale=upscale)
+        labels = ["input", "reconstruction", "EMA reconstruction"][: len(rows)]
+        return save_grid(torch.cat(rows), run.image_path("recon", step_now), nrow=n, row_labels=labels)
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -347,6 +348,8 @@ def fit_vqgan(cfg: Config, out_dir: str | Path, *, device: str = "auto", resume:
             if not meter.finite(dist):  # the window since the last log: never save diverged weights
                 refuse_nonfinite({"loss": math.nan}, step, last_ckpt)
             last_ckpt = save(step) or last_ckpt
+            if rc.report and run.writes:
+                write_report(run.path, lock=False)  # run.report: the page follows the checkpoints (we hold the lock)
         now = time.time()
         if now - t_event >= 0.5 or final or step % rc.log_every == 0:
             shown = {k: logged[k] for k in ("l1", "lpips", "d_loss", "usage", "images_per_s") if k in logged}
