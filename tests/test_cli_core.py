@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, run_uvq
 
 from uvq import __version__
-from uvq.cli.app import _DEFAULT_HINT, INTERRUPT_HINTS, PANELS, build_command
+from uvq.cli.app import PANELS, build_command, hint_for
 from uvq.errors import EXIT_REQUEUE
 
 
@@ -117,7 +117,7 @@ def test_flags_show_no_value_type_in_any_help():
 
 def test_interruption_hints_name_only_options_the_command_has():
     for path, command in _leaf_commands(build_command()):
-        hint = INTERRUPT_HINTS.get(path[0], _DEFAULT_HINT)
+        hint = hint_for(path)
         named = set(re.findall(r"--[a-z][a-z-]*", hint))
         has = {opt for param in command.params for opt in [*param.opts, *param.secondary_opts]}
         assert named <= has, (path, named - has)

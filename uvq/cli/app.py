@@ -88,6 +88,7 @@ INTERRUPT_HINTS = {
     "bench": "nothing was written",
     "app": "the app stopped; with --out, the files of finished requests are kept there",
     "report": "nothing was written (the page is written whole or not at all)",
+    "eval sweep": "finished cells are kept; rerun the same command to continue",
 }
 _DEFAULT_HINT = "its output directory may be incomplete; rerun the command with --overwrite"
 
@@ -193,10 +194,15 @@ def _install_signal_handlers(received: list[int], stop: StopRequest) -> dict[int
     return previous
 
 
+def hint_for(path: list[str] | tuple[str, ...]) -> str:
+    """The interrupted command's hint: its own (`eval sweep`), its group's, or the default."""
+    return INTERRUPT_HINTS.get(" ".join(path[:2]), INTERRUPT_HINTS.get(path[0], _DEFAULT_HINT))
+
+
 def _interrupted(signum: int, path: list[str]) -> int:
     """Print the one line of an interrupted command and return its exit status."""
     name = signal.Signals(signum).name
-    hint = INTERRUPT_HINTS.get(path[0], _DEFAULT_HINT) if path else None
+    hint = hint_for(path) if path else None
     print(f"error: interrupted by {name}; {hint}" if hint else f"error: interrupted by {name}", file=sys.stderr)
     return 128 + signum
 
