@@ -1,4 +1,4 @@
-"""The big canvas (method section 4, Eq. 8): windows, the mixture, wrap, and `uvq upscale-canvas`.
+"""The big canvas (docs/method.md section 4, Eq. 8): windows, the mixture, wrap, and `uvq upscale-canvas`.
 
 The networks are the real `AbsorbingTransformer` and `VQGAN` at tiny sizes with random weights.
 """

@@ -1,4 +1,4 @@
-"""Evaluation (method section 6): PRDC against the `prdc` package, FID against the closed form,
+"""Evaluation (docs/method.md section 6): PRDC against the `prdc` package, FID against the closed form,
 the torch-fidelity extractor end to end offline, content-keyed caches, bad input, reports."""
 
 from __future__ import annotations

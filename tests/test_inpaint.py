@@ -1,4 +1,4 @@
-"""Inpainting, editing and outpainting (method section 5): masks, start time, known tokens, outputs.
+"""Inpainting, editing and outpainting (docs/method.md section 5): masks, start time, known tokens, outputs.
 
 The networks are the real `AbsorbingTransformer` and `VQGAN` at tiny sizes with random weights.
 """

@@ -1,4 +1,4 @@
-"""The sampler (method section 3): the chain against a literal loop, reuse, seeds, samplers.
+"""The sampler (docs/method.md section 3): the chain against a literal loop, reuse, seeds, samplers.
 
 The network is the real `AbsorbingTransformer` at a tiny size with random weights; where a test
 needs thousands of steps it uses a cheap closed-form predict function instead.
@@ -105,7 +105,7 @@ def test_chain_equals_literal_loop_when_inpainting(prior):
 def test_network_passes_saved_follow_closed_form():
     # Before step t a token is still masked with probability t/S, so a sample reveals nothing at
     # step t with probability (1 - 1/S)^N for every t: S*(1-1/S)^N passes are saved per sample,
-    # about S/e at S = N (method section 3).
+    # about S/e at S = N (docs/method.md section 3).
     n, b = 256, 48
     x0 = torch.full((b, n), 8)
     out, stats = run_chain(x0, cheap_predict(8), mask_id=8, steps=n, temp=1.0, rng=SampleRNG(11, range(b)))

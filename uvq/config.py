@@ -61,7 +61,7 @@ class ConfigError(UserError):
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are prepared (method section 1; official loaders)."""
+    """Where images come from and how they are prepared (docs/method.md section 1; official loaders)."""
 
     source: str = "demo"  # "demo", an image folder, or webdataset shards (paths, brace patterns, URLs)
     stream: str = "auto"  # registry name of the stream, or "auto" to choose from `source`
@@ -84,7 +84,7 @@ class DataConfig:
 
 @dataclass
 class VQGANConfig:
-    """Stage one autoencoder (method section 1). Defaults are the paper's 256x256 model."""
+    """Stage one autoencoder (docs/method.md section 1). Defaults are the paper's 256x256 model."""
 
     img_size: int = 256
     in_channels: int = 3
@@ -100,7 +100,7 @@ class VQGANConfig:
     encoder: str = "vqgan_encoder.v1"
     decoder: str = "vqgan_decoder.v1"
     quantizer: str = "nearest.v1"
-    likelihood_head: bool = False  # the official decoder's `logsigma` head (method 6); off by default
+    likelihood_head: bool = False  # the official decoder's `logsigma` head (docs/method.md section 6); off by default
 
     @property
     def downsample(self) -> int:
@@ -138,7 +138,7 @@ class VQGANConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    """PatchGAN discriminator (method section 1: 3 layers, ndf=64, BatchNorm)."""
+    """PatchGAN discriminator (docs/method.md section 1: 3 layers, ndf=64, BatchNorm)."""
 
     name: str = "patchgan.v1"
     ndf: int = 64
@@ -151,7 +151,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class PriorConfig:
-    """Stage two bidirectional transformer (method section 2). Defaults: the paper's 76.8M model."""
+    """Stage two bidirectional transformer (docs/method.md section 2). Defaults: the paper's 76.8M model."""
 
     name: str = "absorbing_transformer.v1"
     n_embd: int = 512
@@ -191,7 +191,7 @@ class ModelConfig:
 
 @dataclass
 class VQGANTrainConfig:
-    """`fit-vqgan` (method section 1, the authors' training settings)."""
+    """`fit-vqgan` (docs/method.md section 1, the authors' training settings)."""
 
     batch_size: int = 4
     steps: int = 1_500_000
@@ -244,7 +244,7 @@ class VQGANTrainConfig:
 
 @dataclass
 class PriorTrainConfig:
-    """`fit-prior` (method section 2)."""
+    """`fit-prior` (docs/method.md section 2)."""
 
     batch_size: int = 20
     steps: int = 1_400_000
@@ -322,7 +322,7 @@ def _check_hw(value: list[int] | None, path: str) -> None:
 
 @dataclass
 class SampleConfig:
-    """`uvq sample` (method section 3). `options` go to the sampler, bound against its signature
+    """`uvq sample` (docs/method.md section 3). `options` go to the sampler, bound against its signature
     when the recipe loads (uvq.registry.resolve_sampler)."""
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
@@ -346,7 +346,7 @@ class SampleConfig:
 
 @dataclass
 class CanvasConfig:
-    """`uvq upscale-canvas` (method section 4, Eq. 8): canvases larger than the training window."""
+    """`uvq upscale-canvas` (docs/method.md section 4, Eq. 8): canvases larger than the training window."""
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {order: raster}, the authors' order
@@ -380,7 +380,7 @@ class CanvasConfig:
 
 @dataclass
 class InpaintConfig:
-    """`uvq inpaint` (method section 5): regenerate regions, or grow the image (outpainting)."""
+    """`uvq inpaint` (docs/method.md section 5): regenerate regions, or grow the image (outpainting)."""
 
     sampler: str = "absorbing.v1"  # registry name in "samplers"
     options: dict[str, Any] = field(default_factory=dict)
@@ -413,7 +413,7 @@ class InpaintConfig:
 
 @dataclass
 class EvalConfig:
-    """`eval` (method section 6)."""
+    """`eval` (docs/method.md section 6)."""
 
     metrics: list[str] = field(default_factory=lambda: ["fid", "prdc"])
     feature_extractor: str = "inception-v3-compat.v1"

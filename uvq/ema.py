@@ -1,4 +1,4 @@
-"""An exponential moving average (EMA) of a module's weights (method section 1, "Training").
+"""An exponential moving average (EMA) of a module's weights (docs/method.md section 1, "Training").
 
 The authors keep a deep copy of the model and, every `steps_per_update_ema` steps, move each of
 its parameters towards the trained one: ema <- beta * ema + (1 - beta) * theta, with beta = 0.995

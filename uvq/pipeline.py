@@ -5,11 +5,11 @@
       .uvq.lock         held while a pipeline call runs here (one writer per directory)
       pipeline.json     per stage: fingerprint, status (running | done), output hash, timing
       config.yaml       the resolved recipe of the latest call
-      vqgan/            fit-vqgan's run directory       (stage one, method section 1)
-      latents/          encode's shards and manifest     (method section 2)
-      prior/            fit-prior's run directory        (method section 2)
-      samples/          uvq sample's output              (method section 3)
-      eval/             metrics report, when the recipe's eval.metrics is non-empty (method section 6)
+      vqgan/            fit-vqgan's run directory       (stage one, docs/method.md section 1)
+      latents/          encode's shards and manifest     (docs/method.md section 2)
+      prior/            fit-prior's run directory        (docs/method.md section 2)
+      samples/          uvq sample's output              (docs/method.md section 3)
+      eval/             metrics report, when the recipe's eval.metrics is non-empty (docs/method.md section 6)
       report.html       one self-contained page of every stage, written at the end (uvq.report)
 
 A stage's fingerprint is the hash of the config sections it reads plus the output hash of the

@@ -1,4 +1,4 @@
-"""`uvq eval fid|kid|prdc|recon`: thin commands over uvq.evaluation.metrics (method section 6)."""
+"""`uvq eval fid|kid|prdc|recon`: thin commands over uvq.evaluation.metrics (docs/method.md section 6)."""
 
 from __future__ import annotations
 

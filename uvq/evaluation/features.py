@@ -1,4 +1,4 @@
-"""Feature sets (method section 6): image sets, their content hashes, Inception features, the cache.
+"""Feature sets (docs/method.md section 6): image sets, their content hashes, Inception features, the cache.
 
 The paper evaluates samples with 2048-d InceptionV3 pool features (torch-fidelity's
 `inception-v3-compat` extractor) over 50k samples against the training set. This module says
@@ -156,7 +156,7 @@ def open_set(source: str | Path, *, role: str = "set", stream: str = "auto",
 
 
 # ---------------------------------------------------------------------------------------------
-# Feature extractor: torch-fidelity's inception-v3-compat, 2048-d pool features (method 6)
+# Feature extractor: torch-fidelity's inception-v3-compat, 2048-d pool features (docs/method.md section 6)
 # ---------------------------------------------------------------------------------------------
 
 # torch-fidelity downloads these weights with torch.hub.load_state_dict_from_url, which stores

@@ -1,4 +1,4 @@
-"""Evaluation (method section 6): FID/KID, PRDC, set-metric reports, reconstructions.
+"""Evaluation (docs/method.md section 6): FID/KID, PRDC, set-metric reports, reconstructions.
 
 The paper evaluates samples with 2048-d InceptionV3 pool features (torch-fidelity's
 `inception-v3-compat` extractor) over 50k samples against the training set: FID, and the

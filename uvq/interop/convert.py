@@ -1,4 +1,4 @@
-"""Foreign checkpoints: the paper's released models and taming-transformers' VQGANs (method section 8).
+"""Foreign checkpoints: the paper's released models and taming-transformers' VQGANs (docs/method.md section 8).
 
 The layouts that come in, and how they are loaded, recognised, read and mapped onto uvq's
 modules, are `uvq.interop.layouts`. This module runs the import: what is written is an ordinary uvq

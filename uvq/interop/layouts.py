@@ -1,4 +1,4 @@
-"""Foreign layouts: reading other code's checkpoints (method section 8).
+"""Foreign layouts: reading other code's checkpoints (docs/method.md section 8).
 
 Three layouts come in, all plain tensors loaded with `torch.load(weights_only=True)`:
 

@@ -1,4 +1,4 @@
-"""The absorbing diffusion process over VQGAN tokens, apart from the network (method sections 2, 3, 6).
+"""The absorbing diffusion process over VQGAN tokens, apart from the network (docs/method.md sections 2, 3, 6).
 
 A plain object in the style of guided-diffusion's GaussianDiffusion and diffusers' schedulers: it
 owns the forward process q(x_t | x_0), the choice of time step, the loss weights and the ELBO,
@@ -52,14 +52,14 @@ def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared with sampling and inpainting (method sections 3 and 5)
+# Shared with sampling and inpainting (docs/method.md sections 3 and 5)
 # ---------------------------------------------------------------------------------------------
 
 
 def start_time_for_masked(n_masked: int, n_tokens: int, T: int) -> int:
     """The time at which `n_masked` of `n_tokens` masks are expected: round(T * n_masked / N).
 
-    Inpainting starts the reverse process there (method section 5). Rounds half to even, like
+    Inpainting starts the reverse process there (docs/method.md section 5). Rounds half to even, like
     torch.round in the masking schedule; clamped to [0, T].
     """
     if n_tokens <= 0 or T <= 0:
@@ -287,7 +287,7 @@ class AbsorbingDiffusion:
             setattr(self, name, value.detach().to(self.Lt_history.device, torch.float64).clone())
         self._ready = None
 
-    # --- the ELBO (Eq. 6; method section 6) ---------------------------------------------------
+    # --- the ELBO (Eq. 6; docs/method.md section 6) ---------------------------------------------------
 
     @torch.no_grad()
     def elbo_full_sum(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,

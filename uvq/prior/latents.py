@@ -1,4 +1,4 @@
-"""Latent shards: the VQGAN's code grids on disk, the input of stage two (method section 2).
+"""Latent shards: the VQGAN's code grids on disk, the input of stage two (docs/method.md section 2).
 
 The prior never sees pixels. `encode_dataset` runs the VQGAN's encoder and quantizer once over
 a dataset and stores each image's code grid z in {0..K-1}^{h x w}; `fit-prior` and `eval elbo`

@@ -1,4 +1,4 @@
-"""Stage two network: the transformer that predicts p_theta(x_0 | x_t) (method section 2), or, made
+"""Stage two network: the transformer that predicts p_theta(x_0 | x_t) (docs/method.md section 2), or, made
 causal, p_theta(x_i | x_<i) of the autoregressive baseline (paper section 4.2, Table 4).
 
 The network maps a grid of N tokens, some of which hold the mask id K, to K logits per position:

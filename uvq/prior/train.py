@@ -1,4 +1,4 @@
-"""`fit-prior`: train the absorbing-diffusion prior on latent shards (method section 2).
+"""`fit-prior`: train the absorbing-diffusion prior on latent shards (docs/method.md section 2).
 
 One visible loop (style.md, principle 8): setup, then per step a batch of code grids x_0, the
 training loss of `cfg.prior_train.loss` (Eq. 7 by default) through `uvq.prior.absorbing`, Adam with a

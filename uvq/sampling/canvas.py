@@ -1,4 +1,4 @@
-"""Images larger than the training canvas (method section 4; paper section 3.3, Eq. 8).
+"""Images larger than the training canvas (docs/method.md section 4; paper section 3.3, Eq. 8).
 
 The prior only accepts the N = h*w tokens of its training window. A canvas of H'xW' latents is
 sampled with the same chain as `uvq sample` (uvq.sampling.chain.absorbing_chain): at every step the

@@ -1,4 +1,4 @@
-"""Sampling from the absorbing prior (method section 3; paper section 4.2.1).
+"""Sampling from the absorbing prior (docs/method.md section 3; paper section 4.2.1).
 
 The paper's sampler starts from a grid of mask tokens and, for t = S, S-1, ..., 1, reveals every
 still-masked position with probability 1/t, drawing its value from softmax(logits / temperature)
@@ -200,7 +200,7 @@ def categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The absorbing chain (method section 3)
+# The absorbing chain (docs/method.md section 3)
 # ---------------------------------------------------------------------------------------------
 
 

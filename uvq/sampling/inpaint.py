@@ -1,11 +1,11 @@
-"""Inpainting, editing and outpainting (method section 5; paper section 4.5).
+"""Inpainting, editing and outpainting (docs/method.md section 5; paper section 4.5).
 
 An image is fitted to the VQGAN's size and encoded to codes. The region to regenerate (a mask
 PNG, white = regenerate, or boxes) is mapped to a latent mask: a latent is masked when its
 receptive patch (downsample x downsample pixels) overlaps the region. Those latents are set to
 the mask id, and the same chain as `uvq sample` runs from
 
-    t_start = round(T * n_masked / N)                                     (method section 5)
+    t_start = round(T * n_masked / N)                                     (docs/method.md section 5)
 
 the time at which that many masks are expected, where T is the step budget of a full chain and
 N the number of tokens. Only masked positions are revealed; known tokens never change. The
@@ -161,7 +161,7 @@ def fit_to_size(image: Image.Image, region: torch.Tensor, size: int) -> tuple[to
 
 
 # ---------------------------------------------------------------------------------------------
-# Pixel region -> latent mask, and the start time (method section 5)
+# Pixel region -> latent mask, and the start time (docs/method.md section 5)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from uvq.config import DiscriminatorConfig
 from uvq.registry import register
 
 # ---------------------------------------------------------------------------------------------
-# PatchGAN discriminator (method 1; taming's NLayerDiscriminator, after pix2pix)
+# PatchGAN discriminator (docs/method.md section 1; taming's NLayerDiscriminator, after pix2pix)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Blocks (method 1: "GroupNorm, swish, conv3x3, GroupNorm, swish, conv3x3, plus a 1x1 shortcut")
+# Blocks (docs/method.md section 1: "GroupNorm, swish, conv3x3, GroupNorm, swish, conv3x3, plus a 1x1 shortcut")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -121,7 +121,7 @@ class Upsample(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder E and decoder G (method 1)
+# Encoder E and decoder G (docs/method.md section 1)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -178,7 +178,7 @@ class Decoder(nn.Module):
     [B,in_channels,h,w] -> [B,out_channels,h*2^(L-1),w*2^(L-1)].
 
     `likelihood_head` adds the official `logsigma` head (conv3x3, ReLU, conv1x1) on the
-    features before the last conv: a per-pixel Gaussian log-std for likelihoods (method 6),
+    features before the last conv: a per-pixel Gaussian log-std for likelihoods (docs/method.md section 6),
     fine-tuned after training in the authors' code. Off by default.
     """
 
@@ -237,7 +237,7 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantizer (method 1: nearest code, straight-through gradients; Eq. 5's two terms)
+# Quantizer (docs/method.md section 1: nearest code, straight-through gradients; Eq. 5's two terms)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ class VQGAN(nn.Module):
     def decode_gaussian(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LongTensor[B,h,w] -> (mean [B,3,H,W] in the [0,1] image scale, log-std [B,3,H,W] in that scale).
 
-        The decoder's likelihood head (method 6); with `signed_io` the network's [-1,1] scale is
+        The decoder's likelihood head (docs/method.md section 6); with `signed_io` the network's [-1,1] scale is
         halved into [0,1], so the log-std drops by log 2.
         """
         z_q = self.quantize.lookup(codes)
