@@ -95,27 +95,20 @@ def register(app: typer.Typer) -> None:
         debug: bool = DebugOpt,
     ) -> None:
         """FID and PRDC over a grid of sampling steps x temperatures (Table 3), each cell cached."""
-        from uvq.checkpoint import find_prior, read_meta
-        from uvq.cli.sample import describe
-        from uvq.errors import UserError
+        from uvq.cli.sample import describe, find_generation_prior, run_name
         from uvq.evaluation.sweep import run_sweep
 
         apply_local(json_flag, debug)
-        if weights not in ("default", "ema", "model"):
-            raise UserError(f"--weights must be default, ema or model, not {weights!r}")
         rep = reporter()
-        ckpt, where = find_prior(prior, run=run, recipe=recipe)
-        meta = read_meta(ckpt)
+        ckpt, meta = find_generation_prior(prior=prior, run=run, recipe=recipe, weights=weights, rep=rep)
         sweep, sample, cfg_eval = sweep_sections(meta, list(overrides or []), {
             "sweep.reference": reference, "sweep.steps": _number_list(steps, "--steps", int),
             "sweep.temps": _number_list(temps, "--temps", float), "sweep.n": n,
             "eval.inception_weights": str(inception_weights) if inception_weights else None})
-        rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
         for name, cfg in (("sweep", sweep), ("sample", sample), ("eval", cfg_eval)):
             rep({"event": "log", "message": describe(name, cfg)})
         if out is None:
-            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-            out = Path("sweeps") / (run_dir.parent.name if run_dir.name == "prior" else run_dir.name)
+            out = Path("sweeps") / run_name(ckpt)
         try:
             summary = run_sweep(ckpt, out, sweep=sweep, sample=sample, cfg_eval=cfg_eval, vqgan=vqgan, seed=seed,
                                 weights=weights, device=device, cache_dir=cache_dir, overwrite=overwrite,

@@ -76,20 +76,33 @@ def generation_setup(section: str, *, prior, run, recipe, overrides, shortcuts: 
     """The prelude of `sample`, `upscale-canvas` and `inpaint`: check `--weights`, find the prior
     checkpoint, resolve the command's section (`generation_section`) and log where the prior came
     from. Returns (checkpoint, its meta, the section)."""
+    ckpt, meta = find_generation_prior(prior=prior, run=run, recipe=recipe, weights=weights, rep=rep)
+    if section in ("canvas", "inpaint"):  # an AR prior cannot fill regions with known tokens after them
+        from uvq.prior.autoregressive import refuse_autoregressive
+
+        refuse_autoregressive({"canvas": "upscale-canvas", "inpaint": "inpaint"}[section], meta=meta)
+    cfg = generation_section(section, meta, list(overrides or []), shortcuts)
+    return ckpt, meta, cfg
+
+
+def find_generation_prior(*, prior, run, recipe, weights: str, rep) -> tuple[Path, dict[str, Any]]:
+    """Check `--weights`, find the prior checkpoint (`--prior`, `--run-dir` or `--recipe`) and log
+    where it came from: (checkpoint, its meta). Shared by the generation commands and `eval sweep`."""
     from uvq.checkpoint import find_prior, read_meta
     from uvq.errors import UserError
 
     if weights not in ("default", "ema", "model"):
         raise UserError(f"--weights must be default, ema or model, not {weights!r}")
     ckpt, where = find_prior(prior, run=run, recipe=recipe)
-    meta = read_meta(ckpt)
-    if section in ("canvas", "inpaint"):  # an AR prior cannot fill regions with known tokens after them
-        from uvq.prior.autoregressive import refuse_autoregressive
-
-        refuse_autoregressive({"canvas": "upscale-canvas", "inpaint": "inpaint"}[section], meta=meta)
-    cfg = generation_section(section, meta, list(overrides or []), shortcuts)
     rep({"event": "log", "message": f"prior: {ckpt} (from {where})"})
-    return ckpt, meta, cfg
+    return ckpt, read_meta(ckpt)
+
+
+def run_name(ckpt: Path) -> str:
+    """The name of the run a prior checkpoint belongs to (a pipeline run's name for its prior/
+    stage): the default output folder's name of `sample` and `eval sweep`."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return run_dir.parent.name if run_dir.name == "prior" else run_dir.name
 
 
 class _Quiet:
@@ -167,9 +180,7 @@ def register(app: typer.Typer) -> None:
             rep({"event": "log", "message": "an autoregressive prior: sampled token by token in raster order with a "
                                             "KV cache (sample.sampler does not apply)"})
         if out is None:
-            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-            run_name = run_dir.parent.name if run_dir.name == "prior" else run_dir.name
-            out = Path("samples") / run_name
+            out = Path("samples") / run_name(ckpt)
         try:
             summary = write_samples(ckpt, out, vqgan=vq_path, seed=seed, codes=codes, weights=weights, device=device,
                                     overwrite=overwrite, progress=rep, stop=STATE.stop, **dataclasses.asdict(cfg))

@@ -240,6 +240,15 @@ def _predict_rows(predict: Predict, x: torch.Tensor, rows: torch.Tensor) -> tupl
     return predict(sub), sub.shape[0]
 
 
+def _chosen_logits(predict: Predict, x: torch.Tensor, where: torch.Tensor, rows: torch.Tensor, temp: float,
+                   filter: Filter | None) -> tuple[torch.Tensor, int]:
+    """The tempered (and filtered) logits of the positions `where` [B,N] of x, from one pass over
+    the rows that hold any: ([M,K] in the order of `where`'s True entries, rows predicted)."""
+    logits, b = _predict_rows(predict, x, rows)  # [b, N, K]
+    chosen = logits[where[rows]].float() / temp  # [M, K]
+    return (filter(chosen) if filter is not None else chosen), b
+
+
 def absorbing_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int, temp: float,
                     rng: SampleRNG, t_start: int | None = None, order: str = "random",
                     filter: Filter | None = None) -> Iterator[ChainStep]:
@@ -274,11 +283,8 @@ def absorbing_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: i
             revealed = masked & (masked.cumsum(1) <= quota)
         rows = revealed.any(1)  # [B]
         if bool(rows.any()):
-            logits, b = _predict_rows(predict, x, rows)  # [b, N, K]
+            chosen, b = _chosen_logits(predict, x, revealed, rows, temp, filter)  # [M, K], M = revealed positions
             passes, calls = passes + b, calls + 1
-            chosen = logits[revealed[rows]].float() / temp  # [M, K], M = revealed positions
-            if filter is not None:
-                chosen = filter(chosen)
             values = categorical(chosen, u_value[revealed])  # [M]
             x = x.masked_scatter(revealed, values)
         else:
@@ -338,11 +344,8 @@ def maskgit_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int
             yield ChainStep(t=t, x=x.clone(), revealed=torch.zeros_like(masked), network_passes=passes,
                             predict_calls=calls)
             continue
-        logits, b = _predict_rows(predict, x, rows)  # [b, N, K]
+        chosen, b = _chosen_logits(predict, x, masked, rows, temp, filter)  # [M, K]
         passes, calls = passes + b, calls + 1
-        chosen = logits[masked[rows]].float() / temp  # [M, K]
-        if filter is not None:
-            chosen = filter(chosen)
         values = categorical(chosen, u_value[masked])  # [M]
         logp = chosen.log_softmax(-1).gather(1, values[:, None]).squeeze(1)  # [M]
         r = (s + 1) / steps
@@ -401,11 +404,8 @@ def remask_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int,
         rows = masked.any(1)  # [B]
         if bool(rows.any()):
             x_t = x.masked_fill(masked, mask_id)
-            logits, b = _predict_rows(predict, x_t, rows)  # [b, N, K]
+            chosen, b = _chosen_logits(predict, x_t, masked, rows, temp, filter)  # [M, K]
             passes, calls = passes + b, calls + 1
-            chosen = logits[masked[rows]].float() / temp  # [M, K]
-            if filter is not None:
-                chosen = filter(chosen)
             new = x.masked_scatter(masked, categorical(chosen, u_value[masked]))
         else:
             new = x.clone()
@@ -496,11 +496,8 @@ def halton_chain(x: torch.Tensor, predict: Predict, *, mask_id: int, steps: int,
         prev = count
         rows = revealed.any(1)
         if bool(rows.any()):
-            logits, b = _predict_rows(predict, x, rows)  # [b, N, K]
+            chosen, b = _chosen_logits(predict, x, revealed, rows, temp, filter)  # [M, K]
             passes, calls = passes + b, calls + 1
-            chosen = logits[revealed[rows]].float() / temp  # [M, K]
-            if filter is not None:
-                chosen = filter(chosen)
             x = x.masked_scatter(revealed, categorical(chosen, u_value[revealed]))
         else:
             x = x.clone()
